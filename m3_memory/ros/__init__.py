@@ -1,0 +1,1 @@
+"""Thin rclpy nodes that translate ROS messages into m3_memory.core calls."""

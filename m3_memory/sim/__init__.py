@@ -1,0 +1,1 @@
+"""Synthetic scenes with ground truth (the demo tabletop), rendered independently of our rasterizer."""
