@@ -1,0 +1,29 @@
+"""The `m3` command: one sub-command per job, each registered by the module that owns it."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that add sub-commands through `register(subparsers)`; each imports its heavy dependencies only when run.
+VERB_MODULES = (
+    "m3_memory.sim.cli",
+    "m3_memory.ros.locate_cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="m3", description="m3-memory: 3D spatial multimodal memory for robots")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for name in VERB_MODULES:
+        importlib.import_module(name).register(verbs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Interface types by name, and ROS messages to and from plain Python data (dicts, YAML)."""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+
+# Sequences longer than this are summarised when printed (an Image's data would flood a terminal).
+PRINT_MAX_SEQUENCE = 16
+
+
+def import_interface(type_name: str):
+    """`"m3_msgs/srv/Locate"` (or `"m3_msgs/Locate"` for a msg) → the generated Python class.
+
+    Raises ValueError naming the expected form when the name is malformed, and ImportError saying which package to build
+    when the interface package is not installed.
+    """
+    parts = type_name.strip("/").split("/")
+    if len(parts) == 2:
+        parts = [parts[0], "msg", parts[1]]
+    if len(parts) != 3 or parts[1] not in ("msg", "srv", "action") or not all(parts):
+        raise ValueError(f"bad interface type {type_name!r}: expected PACKAGE/msg|srv|action/NAME")
+    package, kind, name = parts
+    try:
+        module = importlib.import_module(f"{package}.{kind}")
+    except ImportError as exc:
+        raise ImportError(f"interface package {package!r} is not installed (build it, or run `make setup`)") from exc
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        raise ImportError(f"{package}/{kind} has no interface named {name!r}") from None
+
+
+def first_string_field(message) -> str | None:
+    """Name of the message's first `string` field, or None."""
+    for field, field_type in message.get_fields_and_field_types().items():
+        if field_type == "string":
+            return field
+    return None
+
+
+def fill_message(message, data):
+    """Set `message`'s fields from `data` (a mapping of field name → value, nested for nested messages).
+
+    A scalar `data` fills the first string field, so `"yellow bath duck"` is a valid Locate request. Unknown field names
+    raise ValueError listing the valid ones.
+    """
+    if data is None:
+        return message
+    if not isinstance(data, dict):
+        field = first_string_field(message)
+        if field is None:
+            raise ValueError(f"{type(message).__name__} has no string field to fill with {data!r}")
+        setattr(message, field, str(data))
+        return message
+    fields = message.get_fields_and_field_types()
+    for name, value in data.items():
+        if name not in fields:
+            raise ValueError(f"{type(message).__name__} has no field {name!r}; fields: {', '.join(fields)}")
+        current = getattr(message, name)
+        if hasattr(current, "get_fields_and_field_types"):
+            fill_message(current, value)
+        else:
+            setattr(message, name, _coerce(current, value))
+    return message
+
+
+def _coerce(current, value):
+    """Match a YAML value to the type the generated setter expects (float fields reject ints, etc.)."""
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, np.ndarray):
+        return np.asarray(value, dtype=current.dtype)
+    return value
+
+
+def message_to_data(message, max_sequence: int | None = None):
+    """Message → nested dict / list / scalars; sequences longer than `max_sequence` become a short summary string."""
+    if hasattr(message, "get_fields_and_field_types"):
+        return {name: message_to_data(getattr(message, name), max_sequence) for name in message.get_fields_and_field_types()}
+    if isinstance(message, (list, tuple, np.ndarray, bytes, bytearray)) or type(message).__name__ == "array":
+        items = list(message)
+        if max_sequence is not None and len(items) > max_sequence:
+            return f"<sequence of {len(items)} elements>"
+        return [message_to_data(item, max_sequence) for item in items]
+    if isinstance(message, np.generic):
+        return message.item()
+    return message

@@ -1,0 +1,5 @@
+"""QoS profiles shared by the m3 nodes."""
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+
+# Status topics are latched so a late `ros2 topic echo` or GUI sees the current state at once.
+LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE)

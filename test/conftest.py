@@ -1,0 +1,60 @@
+"""Shared fixtures: an isolated ROS 2 domain per test session, and real node processes."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+VENV_BIN = Path(sys.prefix) / "bin"
+REPO = Path(__file__).resolve().parents[1]
+
+# Talk only to processes on this machine, on a domain of our own, so parallel runs and other sessions do not interfere.
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ.setdefault("ROS_DOMAIN_ID", str(100 + os.getpid() % 100))
+
+
+def run_command(*args: str, timeout: float = 60.0, check: bool = False) -> subprocess.CompletedProcess:
+    """Run a venv command (`ros2`, `m3`, ...) and capture its output."""
+    result = subprocess.run([str(VENV_BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@contextlib.contextmanager
+def node_process(executable: str, *args: str):
+    """A real node in its own process; stopped with SIGINT (as Ctrl-C would) when the block ends."""
+    process = subprocess.Popen([str(VENV_BIN / executable), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+@pytest.fixture(scope="module")
+def memory_server():
+    with node_process("m3_memory_server") as process:
+        yield process
