@@ -12,7 +12,7 @@ def register(verbs) -> None:
     parser.add_argument("--service", default="/m3/locate")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server and its answer")
     parser.add_argument("--json", action="store_true", help="print the answer as one JSON object")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(func=run)
 
 
 def run(args) -> int:
