@@ -9,6 +9,7 @@ import sys
 VERB_MODULES = (
     "m3_memory.sim.cli",
     "m3_memory.ros.locate_cli",
+    "m3_memory.ros.bag_play",
 )
 
 

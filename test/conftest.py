@@ -54,6 +54,18 @@ def wait_for(predicate, timeout: float, interval: float = 0.2):
     return predicate()
 
 
+@pytest.fixture
+def ros_node():
+    """An rclpy node in the test process (for clients, publishers and subscribers)."""
+    import rclpy
+
+    rclpy.init()
+    node = rclpy.create_node("m3_test_client")
+    yield node
+    node.destroy_node()
+    rclpy.try_shutdown()
+
+
 @pytest.fixture(scope="module")
 def memory_server():
     with node_process("m3_memory_server") as process:

@@ -1,0 +1,59 @@
+"""ROS messages ↔ numpy arrays and 4×4 poses (the only place that knows both sides' layouts)."""
+from __future__ import annotations
+
+import numpy as np
+from geometry_msgs.msg import Transform
+from sensor_msgs.msg import CameraInfo, Image
+
+from m3_memory.core.geometry import pose_from_xyzw
+
+
+class ImageEncodingError(ValueError):
+    """An image whose encoding or layout we cannot read."""
+
+
+def stamp_ns(stamp) -> int:
+    """builtin_interfaces/Time → integer nanoseconds (exact, unlike float seconds at epoch scale)."""
+    return stamp.sec * 1_000_000_000 + stamp.nanosec
+
+
+def transform_to_matrix(transform: Transform) -> np.ndarray:
+    """`[4, 4]` pose of a geometry_msgs/Transform."""
+    r, t = transform.rotation, transform.translation
+    return pose_from_xyzw([r.x, r.y, r.z, r.w], [t.x, t.y, t.z])
+
+
+def camera_info_K(info: CameraInfo) -> np.ndarray:
+    """Intrinsics `K: [3, 3]`."""
+    return np.asarray(info.k, dtype=np.float64).reshape(3, 3)
+
+
+def _pixels(msg: Image, dtype, channels: int) -> np.ndarray:
+    itemsize = np.dtype(dtype).itemsize
+    row = msg.width * channels * itemsize
+    if msg.step < row or len(msg.data) < msg.step * msg.height:
+        raise ImageEncodingError(f"{msg.encoding} image {msg.width}x{msg.height}: step {msg.step} / {len(msg.data)} "
+                                 f"bytes do not hold the pixels")
+    raw = np.frombuffer(bytes(msg.data), dtype=np.uint8).reshape(msg.height, msg.step)[:, :row]
+    order = ">" if msg.is_bigendian else "<"
+    values = np.ascontiguousarray(raw).view(np.dtype(dtype).newbyteorder(order) if itemsize > 1 else dtype)
+    return values.reshape(msg.height, msg.width, channels) if channels > 1 else values.reshape(msg.height, msg.width)
+
+
+def image_to_rgb(msg: Image) -> np.ndarray:
+    """Colour image → `[H, W, 3]` uint8 RGB (rgb8, bgr8, rgba8, bgra8)."""
+    layouts = {"rgb8": (3, [0, 1, 2]), "bgr8": (3, [2, 1, 0]), "rgba8": (4, [0, 1, 2]), "bgra8": (4, [2, 1, 0])}
+    if msg.encoding not in layouts:
+        raise ImageEncodingError(f"colour encoding {msg.encoding!r} unsupported; use one of {sorted(layouts)}")
+    channels, order = layouts[msg.encoding]
+    return np.ascontiguousarray(_pixels(msg, np.uint8, channels)[..., order])
+
+
+def image_to_depth(msg: Image) -> np.ndarray:
+    """Depth image → `[H, W]` float32 metres; 16UC1 is millimetres (RealSense), 32FC1 metres; 0/NaN = no depth."""
+    if msg.encoding in ("16UC1", "mono16"):
+        return _pixels(msg, np.uint16, 1).astype(np.float32) * 0.001
+    if msg.encoding == "32FC1":
+        depth = _pixels(msg, np.float32, 1).astype(np.float32)
+        return np.nan_to_num(depth, nan=0.0, posinf=0.0, neginf=0.0)
+    raise ImageEncodingError(f"depth encoding {msg.encoding!r} unsupported; use 16UC1 (mm) or 32FC1 (m)")
