@@ -1,0 +1,188 @@
+"""Benchmark of `m3_memory.core.raster.rasterization`: forward and forward+backward time over scene sizes and
+resolutions, C = 35 channels (RGB + 2 x 16-dim principal queries), one camera.
+
+Run from the repository root with the package importable (installed, or PYTHONPATH=.):
+
+    python bench/bench_raster.py                     # CPU backend, writes bench/results/raster_cpu.{json,md}
+    python bench/bench_raster.py --backend cuda      # gsplat backend on a GPU machine -> raster_cuda.{json,md}
+
+The scene is a random volume of Gaussians filling the view (a stress case: every pixel sees hundreds of them);
+focal length scales with the width so a Gaussian covers the same share of the image at every resolution.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Idle OpenMP workers sleep instead of spinning: on a machine shared with other jobs spinning made timings several
+# times slower and erratic. Must be set before torch loads OpenMP; an explicit setting in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from m3_memory.core.raster import rasterization  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass
+class BenchConfig:
+    """What to measure: Gaussian counts x image sizes, channels, repetitions (min and median reported)."""
+
+    counts: tuple[int, ...] = (10_000, 50_000, 100_000)
+    sizes: tuple[tuple[int, int], ...] = ((160, 120), (320, 240), (640, 480))
+    channels: int = 35
+    repeats: int = 5
+    threads: int = 2
+    backend: str = "cpu"
+    seed: int = 0
+
+
+def make_scene(n: int, channels: int, width: int, height: int, device: str, seed: int):
+    """Gaussians in a 4 x 3 x 4 m box 3-7 m in front of an identity camera; returns the rasterization inputs."""
+    g = torch.Generator().manual_seed(seed)
+    means = (torch.rand(n, 3, generator=g) - 0.5) * torch.tensor([4.0, 3.0, 4.0]) + torch.tensor([0.0, 0.0, 5.0])
+    quats = torch.randn(n, 4, generator=g)
+    scales = torch.exp(torch.empty(n, 3).uniform_(math.log(0.01), math.log(0.06), generator=g))
+    opacities = 0.05 + 0.9 * torch.rand(n, generator=g)
+    colors = torch.rand(n, channels, generator=g)
+    f = 0.8 * width
+    Ks = torch.tensor([[[f, 0.0, width / 2], [0.0, f, height / 2], [0.0, 0.0, 1.0]]])
+    tensors = [t.to(device) for t in (means, quats, scales, opacities, colors, torch.eye(4)[None], Ks)]
+    for t in tensors[:5]:
+        t.requires_grad_(True)
+    return tensors
+
+
+def timed(fn, device: str) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds summed over threads) of one call; CPU time is less disturbed by other
+    jobs on a shared machine, and with T threads busy wall ~ CPU / T at best."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def bench_one(cfg: BenchConfig, n: int, width: int, height: int) -> dict:
+    device = "cuda" if cfg.backend == "cuda" else "cpu"
+    scene = make_scene(n, cfg.channels, width, height, device, cfg.seed)
+    out = {}
+
+    def forward():
+        out["r"] = rasterization(*scene, width, height, backend=cfg.backend)
+
+    def forward_backward():
+        rgb, alpha, depth, _ = rasterization(*scene, width, height, backend=cfg.backend)
+        (rgb.mean() + alpha.mean() + depth.mean()).backward()
+
+    forward_backward()  # warm-up (and gsplat's JIT compile on CUDA)
+    fwd, fwd_cpu = zip(*[timed(forward, device) for _ in range(cfg.repeats)])
+    fb, fb_cpu = zip(*[timed(forward_backward, device) for _ in range(cfg.repeats)])
+    _, alpha, _, meta = out["r"]
+    return {
+        "gaussians": n,
+        "width": width,
+        "height": height,
+        "channels": cfg.channels,
+        "visible_gaussians": int((meta["radii"] > 0).all(-1).sum()),
+        "tile_intersections": int(meta["flatten_ids"].numel()) if meta.get("flatten_ids") is not None else None,
+        "mean_alpha": float(alpha.detach().mean()),
+        "forward_ms_min": 1e3 * min(fwd),
+        "forward_ms_median": 1e3 * statistics.median(fwd),
+        "fwd_bwd_ms_min": 1e3 * min(fb),
+        "fwd_bwd_ms_median": 1e3 * statistics.median(fb),
+        "forward_cpu_ms_min": 1e3 * min(fwd_cpu),
+        "fwd_bwd_cpu_ms_min": 1e3 * min(fb_cpu),
+        "peak_rss_mb_so_far": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def machine(cfg: BenchConfig) -> dict:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())  # fmt: skip
+    info = {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "python": platform.python_version(),
+        "load_average_at_start": os.getloadavg(),
+    }
+    if cfg.backend == "cuda":
+        import gsplat
+
+        info.update(gpu=torch.cuda.get_device_name(), gsplat=gsplat.__version__)
+    return info
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        f"# Rasterizer benchmark ({report['config']['backend']} backend)",
+        "",
+        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} with {m['torch_threads']} threads"
+        f" (OMP_WAIT_POLICY={m['omp_wait_policy']})"
+        + (f", GPU {m['gpu']} (gsplat {m['gsplat']})" if "gpu" in m else "")
+        + f". Load average at start {tuple(round(x, 2) for x in m['load_average_at_start'])}: the machine is shared"
+        " with other jobs, so timings are approximate (min of the repeats is the least disturbed).",
+        "",
+        f"Scene: random volume of Gaussians filling the view, C = {report['config']['channels']} channels, one camera;"
+        " forward+backward includes projection, binning, compositing and the backward of all of them.",
+        "",
+        "| Gaussians | image | visible | tile pairs | mean alpha | fwd ms wall (min / median) | fwd+bwd ms wall"
+        " (min / median) | fwd / fwd+bwd CPU ms (all threads) | peak RSS MB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['gaussians']:,} | {r['width']}x{r['height']} | {r['visible_gaussians']:,} | "
+            f"{r['tile_intersections'] or 0:,} | {r['mean_alpha']:.2f} | {r['forward_ms_min']:.0f} / "
+            f"{r['forward_ms_median']:.0f} | {r['fwd_bwd_ms_min']:.0f} / {r['fwd_bwd_ms_median']:.0f} | "
+            f"{r['forward_cpu_ms_min']:.0f} / {r['fwd_bwd_cpu_ms_min']:.0f} | {r['peak_rss_mb_so_far']:.0f} |"
+        )
+    lines += ["", "Peak RSS is the process maximum so far (runs go from small to large)."]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=BenchConfig.threads)
+    parser.add_argument("--repeats", type=int, default=BenchConfig.repeats)
+    parser.add_argument("--quick", action="store_true", help="only 10k Gaussians at 160x120 (smoke run)")
+    parser.add_argument("--out", type=Path, default=None, help="results basename (default bench/results/raster_<backend>)")
+    args = parser.parse_args()
+    cfg = BenchConfig(backend=args.backend, threads=args.threads, repeats=args.repeats)
+    if args.quick:
+        cfg.counts, cfg.sizes = (10_000,), ((160, 120),)
+    torch.set_num_threads(cfg.threads)
+    report = {"config": asdict(cfg), "machine": machine(cfg), "results": []}
+    for width, height in cfg.sizes:
+        for n in cfg.counts:
+            row = bench_one(cfg, n, width, height)
+            print(json.dumps(row), flush=True)
+            report["results"].append(row)
+    report["machine"]["load_average_at_end"] = os.getloadavg()
+    out = args.out or RESULTS / f"raster_{cfg.backend}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
