@@ -1,0 +1,18 @@
+"""Scene memory of one foundation model: principal scene components (the bank) and the Gaussian memory attention."""
+from m3_memory.core.memory.attention import MemoryAttention
+from m3_memory.core.memory.psc import (
+    DEFAULT_PSC_CONFIGS,
+    PSCConfig,
+    PSCResult,
+    exact_cosine,
+    principal_scene_components,
+)
+
+__all__ = [
+    "DEFAULT_PSC_CONFIGS",
+    "MemoryAttention",
+    "PSCConfig",
+    "PSCResult",
+    "exact_cosine",
+    "principal_scene_components",
+]

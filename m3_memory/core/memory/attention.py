@@ -1,0 +1,82 @@
+"""Gaussian memory attention (M3 §3.3): decode a rendered principal query into a foundation-model feature.
+
+    R̂ = softmax(cos(Q Wm, PSC) / τ) PSC
+
+Q [P, l] are rendered principal queries (this model's slice), Wm [l, d] projects them into the model's feature space, PSC
+[t, d] is the bank of principal scene components (raw rows), τ = 0.05. As in the authors' code Wm stays at its seeded random
+initialisation by default (a buffer); ``learnable_wm=True`` makes it a parameter for the ablation.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class MemoryAttention(nn.Module):
+    """Attention of queries over a fixed memory bank.
+
+    query_dim: l; psc: [t, d] bank (stored as float32 buffer ``psc``); temperature: τ; learnable_wm: Wm as nn.Parameter
+    instead of a buffer; seed: seeds the random Wm [l, d] (N(0, 1/l)); chunk: pixels per step of ``decode_map``.
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        psc: torch.Tensor,
+        temperature: float = 0.05,
+        learnable_wm: bool = False,
+        seed: int = 0,
+        chunk: int = 16384,
+    ):
+        super().__init__()
+        psc = torch.as_tensor(psc).detach().float().clone()
+        if psc.ndim != 2 or psc.shape[0] == 0:
+            raise ValueError(f"psc must be a non-empty [t, d] bank, got shape {tuple(psc.shape)}")
+        generator = torch.Generator().manual_seed(seed)
+        wm = torch.randn(query_dim, psc.shape[1], generator=generator) / math.sqrt(query_dim)
+        if learnable_wm:
+            self.wm = nn.Parameter(wm)
+        else:
+            self.register_buffer("wm", wm)
+        self.register_buffer("psc", psc)
+        self.temperature = float(temperature)
+        self.chunk = int(chunk)
+
+    @classmethod
+    def from_state_dict(cls, state: dict, **kwargs) -> "MemoryAttention":
+        """Rebuild a module from a saved state dict (its ``wm`` [l, d] and ``psc`` [t, d]); kwargs as __init__."""
+        module = cls(state["wm"].shape[0], state["psc"], **kwargs)
+        module.load_state_dict(state)
+        return module
+
+    def forward(self, queries: torch.Tensor) -> torch.Tensor:
+        """queries [P, l] -> decoded features [P, d]; materialises [P, t] scores (use decode_map for whole images).
+
+        cos(q Wm, k) is computed without forming q Wm [P, d]: (q Wm)·k̂ = q (Wm k̂ᵀ) and ‖q Wm‖² = q (Wm Wmᵀ) qᵀ, so the
+        scores cost P·l·t instead of P·d·t.
+        """
+        keys = F.normalize(self.psc, dim=1)
+        dots = queries @ (self.wm @ keys.T)  # [P, t]
+        norms = ((queries @ (self.wm @ self.wm.T)) * queries).sum(1, keepdim=True).clamp_min(1e-24).sqrt()  # [P, 1]
+        weights = torch.softmax(dots / (norms * self.temperature), dim=1)
+        return weights @ self.psc
+
+    def decode_map(self, query_map: torch.Tensor) -> torch.Tensor:
+        """query_map [H, W, l] -> [H, W, d], ``chunk`` pixels at a time so that no [H·W, t] tensor exists.
+
+        With autograd on, each chunk is checkpointed: only its inputs are kept and scores are recomputed in backward.
+        """
+        h, w, l = query_map.shape
+        flat = query_map.reshape(h * w, l)
+        if torch.is_grad_enabled() and (flat.requires_grad or self.wm.requires_grad):
+            parts = [checkpoint(self.forward, flat[s:s + self.chunk], use_reentrant=False)
+                     for s in range(0, h * w, self.chunk)]
+            return torch.cat(parts).reshape(h, w, -1)
+        out = flat.new_empty(h * w, self.psc.shape[1])
+        for s in range(0, h * w, self.chunk):
+            out[s:s + self.chunk] = self(flat[s:s + self.chunk])
+        return out.reshape(h, w, -1)

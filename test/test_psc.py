@@ -1,0 +1,161 @@
+"""Principal scene components: the fast cover must keep exactly the rows the naive greedy cover keeps."""
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from m3_memory.core.memory.psc import PSCConfig, exact_cosine, principal_scene_components
+
+
+def naive_psc(features: torch.Tensor, threshold: float, chunk: int) -> torch.Tensor:
+    """Algorithm 1 as written (O(N²)): features [N, d] -> kept indices [t]. Zero rows never take part.
+
+    Similarities are the float64 cosines of the method (row by row, the same arithmetic as ``exact_cosine``).
+    """
+    r64 = features.double()
+    norm = torch.linalg.vector_norm(r64, dim=1, keepdim=True)
+    valid = norm[:, 0] > 0
+    unit = r64 / norm
+    used = ~valid
+    kept = []
+    for start in range(0, len(unit), chunk):
+        for j in range(start, min(start + chunk, len(unit))):
+            if used[j]:
+                continue
+            similar = torch.nonzero(((unit[j] * unit).sum(-1) >= threshold) & valid).squeeze(1)
+            if not used[similar].any():
+                kept.append(j)
+                used[similar] = True
+    return torch.tensor(kept, dtype=torch.int64)
+
+
+def clustered(n: int, d: int, k: int, noise: float, seed: int) -> torch.Tensor:
+    """[n, d] features: k random centres, each row = its centre + noise of a random scale in [0, 2·noise)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, d, generator=g)
+    labels = torch.randint(0, k, (n,), generator=g)
+    scale = 2 * noise * torch.rand(n, 1, generator=g)
+    return centres[labels] + scale * torch.randn(n, d, generator=g)
+
+
+@pytest.mark.parametrize(
+    ("threshold", "noise", "chunk", "block"),
+    [
+        (0.5, 0.5, 256, 1000),
+        (0.75, 0.35, 64, 333),
+        (0.8, 0.7, 2048, 4096),
+        (0.9, 0.35, 100, 50),
+        (0.9, 0.7, 500, 1000),
+        (0.98, 0.1, 300, 700),
+    ],
+)
+def test_matches_naive_on_clustered_data(threshold, noise, chunk, block):
+    features = clustered(2000, 32, 25, noise, seed=int(threshold * 100))
+    expected = naive_psc(features, threshold, chunk=500)
+    result = principal_scene_components(features, PSCConfig(threshold, chunk=chunk, block=block))
+    assert 1 < len(expected) < len(features)  # the case is neither trivial nor degenerate
+    assert torch.equal(result.indices, expected)
+    assert torch.equal(result.components, features[expected])
+    assert result.n_input == 2000 and result.reduction_ratio == pytest.approx(2000 / len(expected))
+
+
+@pytest.mark.parametrize(("chunk", "block", "max_pairs"), [(1, 97, 1 << 24), (300, 7, 1 << 24), (400, 128, 5)])
+def test_extreme_chunk_block_and_pair_cap(chunk, block, max_pairs):
+    features = clustered(600, 16, 12, 0.8, seed=3)
+    expected = naive_psc(features, 0.85, chunk=100)
+    cfg = PSCConfig(0.85, chunk=chunk, block=block, max_pairs=max_pairs)
+    assert torch.equal(principal_scene_components(features, cfg).indices, expected)
+
+
+def test_duplicates_zero_rows_and_exact_ties():
+    # Unit rows whose pairwise cosines are exactly 0.6 or 0.36 in float64, scaled by powers of two (exact), duplicated.
+    basis = torch.tensor(
+        [[1.0, 0, 0, 0], [0.6, 0.8, 0, 0], [0.6, 0, 0.8, 0], [0, 0, 0, 1.0], [0, 0.6, 0, 0.8], [0.0, 0, 0, 0]],
+        dtype=torch.float64,
+    )
+    g = torch.Generator().manual_seed(0)
+    pick = torch.randint(0, len(basis), (400,), generator=g)
+    scale = 2.0 ** torch.randint(-3, 4, (400, 1), generator=g).double()
+    features = basis[pick] * scale
+    for threshold in (0.36, 0.6, 0.7):
+        expected = naive_psc(features, threshold, chunk=50)
+        result = principal_scene_components(features, PSCConfig(threshold, chunk=16, block=64))
+        assert torch.equal(result.indices, expected)
+        assert not (result.components == 0).all(1).any()
+    # The ties really are exact: a decision flips when θ moves by one ulp.
+    assert exact_cosine(basis[:1], basis[1:2]).item() >= 0.6
+    assert exact_cosine(basis[:1], basis[1:2]).item() < np.nextafter(0.6, 1.0)
+
+
+def test_zero_rows_are_ignored():
+    features = clustered(1500, 24, 15, 0.4, seed=5)
+    zero = torch.zeros(1500, dtype=torch.bool)
+    zero[torch.randperm(1500, generator=torch.Generator().manual_seed(1))[:300]] = True
+    features[zero] = 0
+    result = principal_scene_components(features, PSCConfig(0.8, chunk=128, block=256))
+    assert not zero[result.indices].any()
+    # Same cover as on the input without its zero rows, mapped back to the original indices.
+    kept_dense = principal_scene_components(features[~zero], PSCConfig(0.8)).indices
+    assert torch.equal(result.indices, torch.nonzero(~zero).squeeze(1)[kept_dense])
+    assert torch.equal(result.indices, naive_psc(features, 0.8, chunk=300))
+
+
+def test_all_zero_and_invalid_input():
+    empty = principal_scene_components(torch.zeros(10, 4), PSCConfig(0.9))
+    assert empty.indices.numel() == 0 and empty.components.shape == (0, 4) and empty.reduction_ratio == float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        principal_scene_components(torch.tensor([[1.0, float("nan")], [1.0, 0.0]]), PSCConfig(0.9))
+    with pytest.raises(ValueError, match="threshold"):
+        principal_scene_components(torch.ones(3, 4), PSCConfig(1.0))
+
+
+def test_float16_memmap_input(tmp_path):
+    features = clustered(1500, 64, 30, 0.25, seed=7).half()
+    path = tmp_path / "features.f16"
+    mm = np.memmap(path, dtype=np.float16, mode="w+", shape=tuple(features.shape))
+    mm[:] = features.numpy()
+    mm.flush()
+    cfg = PSCConfig(0.85, chunk=256, block=512)
+    from_disk = principal_scene_components(np.memmap(path, dtype=np.float16, mode="r", shape=mm.shape), cfg)
+    expected = naive_psc(features, 0.85, chunk=1000)
+    assert 30 <= len(expected) < 1000
+    assert torch.equal(from_disk.indices, expected)
+    assert torch.equal(from_disk.indices, principal_scene_components(features, cfg).indices)
+    assert from_disk.components.dtype == torch.float32
+    assert torch.equal(from_disk.components, features[from_disk.indices].float())
+
+
+class _LargestOutput(TorchDispatchMode):
+    """Records the element count of the largest tensor any torch op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_memory_is_bounded_by_chunk_and_block():
+    n, d, chunk, block = 3000, 32, 128, 256
+    features = clustered(n, d, 40, 0.15, seed=11)
+    with _LargestOutput() as probe:
+        principal_scene_components(features, PSCConfig(0.8, chunk=chunk, block=block))
+    # The pool itself is N × d; every work tensor is at most ~chunk × block. A naive pass would hold chunk × N.
+    assert probe.largest <= 2 * max(n * d, chunk * block)
+    assert probe.largest < chunk * n
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    features = clustered(20000, 128, 60, 0.5, seed=13)
+    cfg = PSCConfig(0.85, chunk=1024, block=8192)
+    assert torch.equal(
+        principal_scene_components(features, cfg, device="cuda").indices,
+        principal_scene_components(features, cfg).indices,
+    )
