@@ -8,6 +8,8 @@ import sys
 # Modules that add sub-commands through `register(subparsers)`; each imports its heavy dependencies only when run.
 VERB_MODULES = (
     "m3_memory.sim.cli",
+    "m3_memory.core.features.cli",
+    "m3_memory.core.cli",
     "m3_memory.ros.locate_cli",
     "m3_memory.ros.bag_play",
 )

@@ -1,5 +1,12 @@
-"""Text queries against a memory."""
+"""Text queries against a memory: per-pixel scores, the confident region, its 3D point and a grasp pose."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch.nn.functional as F
+from scipy import ndimage
+from torch import Tensor
 
 from m3_memory.core.errors import QueryError
 
@@ -19,3 +26,105 @@ def validate_query(text: str, max_chars: int = DEFAULT_MAX_QUERY_CHARS) -> str:
     if any(ord(c) < 32 and c not in "\t" for c in stripped):
         raise QueryError("query contains control characters (new lines or NUL): send one line of text")
     return stripped
+
+
+# LERF's canonical negatives: a phrase must beat each of them to count as relevant.
+CANONICAL_NEGATIVES = ("object", "things", "stuff", "texture")
+
+
+@dataclass
+class LocateResult:
+    """Where a query lands. `point: [3]` and `grasp: [4, 4]` (approach along the grasp's z axis) in the world frame."""
+    point: np.ndarray
+    grasp: np.ndarray
+    score: float
+    heatmap: np.ndarray          # [H, W] per-pixel score in [0, 1] of the chosen view
+    mask: np.ndarray             # [H, W] bool, the chosen region
+    view: int                    # index of the view it was found from
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Threshold maximising the between-class variance of `values: [P]` (Otsu 1979); values above it are the
+    foreground class."""
+    hist, edges = np.histogram(values, bins=bins)
+    centers = (edges[:-1] + edges[1:]) / 2
+    weight_low = np.cumsum(hist)
+    weight_high = weight_low[-1] - weight_low
+    mean_low = np.cumsum(hist * centers) / np.maximum(weight_low, 1)
+    mean_high = (np.sum(hist * centers) - np.cumsum(hist * centers)) / np.maximum(weight_high, 1)
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    return float(edges[int(np.argmax(between)) + 1])  # low class = bins up to and including the argmax
+
+
+def relevancy(features: Tensor, positive: Tensor, negatives: Tensor, temperature: float = 0.1) -> Tensor:
+    """LERF relevancy of `features: [P, d]` for `positive: [d]` against `negatives: [k, d]` → `[P]` in [0, 1]:
+    min over negatives of softmax(cos_pos, cos_neg)[pos]."""
+    feats = F.normalize(features, dim=-1)
+    pos = feats @ F.normalize(positive, dim=-1)
+    neg = feats @ F.normalize(negatives, dim=-1).T
+    return torch.sigmoid((pos[:, None] - neg) / temperature).min(dim=1).values
+
+
+def score_pixels(features: Tensor, text: Tensor, negatives: Tensor | None, method: str) -> Tensor:
+    """Per-pixel score in [0, 1] of `features: [P, d]` for `text: [d]`, comparable across views: "otsu" maps cosine
+    similarity to [0, 1] (the paper then thresholds it with Otsu), "relevancy" is LERF's (needs `negatives`)."""
+    if method == "relevancy":
+        if negatives is None:
+            raise QueryError("relevancy scoring needs negative phrases (e.g. CANONICAL_NEGATIVES)")
+        return relevancy(features, text, negatives)
+    if method != "otsu":
+        raise QueryError(f"unknown scoring method {method!r}: use 'otsu' or 'relevancy'")
+    return (F.normalize(features, dim=-1) @ F.normalize(text, dim=-1) + 1) / 2
+
+
+def select_region(score: np.ndarray, valid: np.ndarray, method: str, max_fraction: float = 0.25) -> np.ndarray:
+    """The confident region of `score: [H, W]` within `valid`: the connected component with the largest total score
+    among pixels over the threshold (relevancy > 0.5, or Otsu's). A small object is a tiny mode beside a spread-out
+    background, where one Otsu split cuts the background instead; so while the foreground covers more than
+    `max_fraction` of the valid pixels, Otsu is applied again within it."""
+    values = score[valid]
+    if values.size == 0:
+        return np.zeros_like(valid)
+    if method == "otsu":
+        threshold = otsu_threshold(values)
+        for _ in range(8):
+            above = values[values > threshold]
+            if above.size <= max_fraction * values.size or above.size < 2 or np.ptp(above) == 0:
+                break
+            threshold = otsu_threshold(above)
+    else:
+        threshold = 0.5
+    labels, count = ndimage.label((score > threshold) & valid)
+    if count == 0:
+        return np.zeros_like(valid)
+    totals = ndimage.sum(score, labels, index=np.arange(1, count + 1))
+    return labels == (1 + int(np.argmax(totals)))
+
+
+def backproject(mask: np.ndarray, depth: np.ndarray, K: np.ndarray, c2w: np.ndarray) -> np.ndarray:
+    """World points `[P, 3]` of the `mask: [H, W]` pixels with positive `depth: [H, W]` (metres)."""
+    vs, us = np.nonzero(mask & (depth > 0))
+    z = depth[vs, us]
+    cam = np.stack([(us + 0.5 - K[0, 2]) * z / K[0, 0], (vs + 0.5 - K[1, 2]) * z / K[1, 1], z], axis=1)
+    return cam @ c2w[:3, :3].T + c2w[:3, 3]
+
+
+def grasp_pose(points: np.ndarray, camera_center: np.ndarray, mode: str = "normal") -> np.ndarray:
+    """`[4, 4]` grasp at the points' median: z axis = approach direction, either against the local surface normal
+    (smallest principal axis of `points: [P, 3]`, facing the camera) or straight down ("top_down")."""
+    center = np.median(points, axis=0)
+    if mode == "top_down" or len(points) < 3:
+        approach = np.array([0.0, 0.0, -1.0])
+    else:
+        _, _, vt = np.linalg.svd(points - points.mean(axis=0), full_matrices=False)
+        normal = vt[-1]
+        if np.dot(normal, camera_center - center) < 0:
+            normal = -normal
+        approach = -normal
+    helper = np.array([1.0, 0.0, 0.0]) if abs(approach[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    x_axis = np.cross(helper, approach)
+    x_axis /= np.linalg.norm(x_axis)
+    pose = np.eye(4)
+    pose[:3, :3] = np.stack([x_axis, np.cross(approach, x_axis), approach], axis=1)
+    pose[:3, 3] = center
+    return pose

@@ -134,3 +134,13 @@ class TransformBuffer:
             return False
         return all(child in self._static or self._samples[child].stamps[-1] >= stamp_ns
                    for child in from_source + from_target)
+
+    def latest_common_stamp(self, target: str, source: str) -> int | None:
+        """Newest stamp at which every sampled edge between the frames has data (None when there is no chain; static
+        chains answer 0, meaning any time)."""
+        try:
+            from_source, from_target = self.chain(target, source)
+        except TransformError:
+            return None
+        stamps = [self._samples[c].stamps[-1] for c in from_source + from_target if c not in self._static]
+        return min(stamps) if stamps else 0

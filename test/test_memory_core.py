@@ -1,0 +1,138 @@
+"""The memory core end to end on the tiny scene: Gaussians, training with the M3 loss, checkpoint, locate.
+
+Features come from a region model built on the scene's ground-truth masks (paper §3.3: a region model duplicates one
+embedding over each mask), so the test measures the memory itself, independent of any text encoder's quality.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from m3_memory.core.checkpoint import CheckpointError, load_memory, save_memory
+from m3_memory.core.gaussians import GaussianConfig, GaussianModel, sh_basis
+from m3_memory.core.locate import locate, locate_gaussians
+from m3_memory.core.losses import feature_loss, rgb_loss, ssim
+from m3_memory.core.query import QueryError, grasp_pose, otsu_threshold
+from m3_memory.core.scene import Scene
+from m3_memory.core.trainer import TrainConfig, TrainingCancelled, ViewFeatures, train
+from m3_memory.sim import demo_scene
+
+DIM = 32
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    root = demo_scene("tiny")
+    return root, Scene.load(root), json.loads((root / "objects.json").read_text())["objects"]
+
+
+def region_features(root, scene, n_objects: int, seed: int = 0):
+    """Per view `[H, W, DIM]`: object k's fixed random unit embedding over its mask, a background one elsewhere."""
+    rng = np.random.default_rng(seed)
+    table = rng.standard_normal((n_objects + 1, DIM)).astype(np.float32)
+    table /= np.linalg.norm(table, axis=1, keepdims=True)
+    maps = [table[np.asarray(Image.open(root / "masks" / f"{f.frame_id}.png"))].astype(np.float16)
+            for f in scene.frames]
+    return table, ViewFeatures(identity={"name": "gt-regions", "sha256": "test"}, maps=maps)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    root, scene, objects = tiny
+    table, features = region_features(root, scene, len(objects))
+    config = TrainConfig(iterations=300, log_every=100, init_max_points=8000)
+    config.densify.refine_start_iter = 100
+    config.densify.refine_every = 50
+    progress = []
+    path = tmp_path_factory.mktemp("memory") / "tiny.pt"
+    memory = train(scene, {"regions": features}, config, path, callback=progress.append)
+    return memory, path, table, progress
+
+
+def test_sh_degree_zero_renders_the_initial_colour():
+    basis = sh_basis(torch.tensor([[0.0, 0.0, 1.0]]), 3)
+    assert basis.shape == (1, 16)
+    xyz = np.random.default_rng(0).random((50, 3)) + [0, 0, 2]
+    rgb = np.full((50, 3), 0.25)
+    model = GaussianModel.from_points(xyz, rgb, {"a": 4, "b": 8}, GaussianConfig(sh_degree=2))
+    assert model.params["queries"].shape == (50, 12) and model.query_slice("b") == slice(4, 12)
+    colors = model.colors(torch.eye(4)[None])
+    torch.testing.assert_close(colors, torch.full((1, 50, 3), 0.25), atol=1e-6, rtol=0)
+    with pytest.raises(KeyError, match="no query slice"):
+        model.query_slice("dino")
+
+
+def test_losses_behave():
+    image = torch.rand(1, 32, 32, 3)
+    assert float(ssim(image, image)) == pytest.approx(1.0, abs=1e-5)
+    assert float(rgb_loss(image, image)) == pytest.approx(0.0, abs=1e-5)
+    assert float(rgb_loss(image, 1 - image)) > 0.2
+    raw = torch.randn(10, 8)
+    assert float(feature_loss(raw, raw)) == pytest.approx(0.0, abs=1e-5)
+    raw[:5] = 0  # zero rows carry no feature and are skipped
+    assert float(feature_loss(torch.randn(10, 8), raw)) > 0
+    rng = np.random.default_rng(0)
+    assert 0.35 < otsu_threshold(np.r_[rng.normal(0.2, 0.05, 500), rng.normal(0.8, 0.05, 300)]) < 0.65
+    spikes = np.r_[np.zeros(100), np.ones(100)]
+    assert ((spikes > otsu_threshold(spikes)) == (spikes == 1)).all()
+
+
+def test_training_reports_progress_and_learns(trained):
+    memory, _, _, progress = trained
+    assert [p.iteration for p in progress] == [100, 200, 300]
+    assert progress[-1].loss < progress[0].loss
+    assert memory.config["final"]["psnr"] > 18
+    assert memory.bank_sizes()["regions"] >= 3  # at least the object + background embeddings survive Algorithm 1
+
+
+def test_locate_lands_on_each_object(trained, tiny):
+    memory, _, table, _ = trained
+    root, scene, objects = tiny
+    for obj in objects:
+        text = torch.from_numpy(table[obj["index"]])
+        result = locate(memory, text, scene.c2w, scene.Ks, scene.images().shape[2], scene.images().shape[1],
+                        model="regions")
+        error = np.linalg.norm(result.point - np.asarray(obj["center"]))
+        assert error < 0.05, f"{obj['name']}: {error:.3f} m"
+        point, _ = locate_gaussians(memory, text, model="regions")
+        assert np.linalg.norm(point - np.asarray(obj["center"])) < 0.08
+
+
+def test_checkpoint_round_trip_and_bad_files(trained, tmp_path):
+    memory, path, _, _ = trained
+    loaded, state = load_memory(path)
+    assert state is not None and loaded.iteration == memory.iteration
+    for name, value in memory.gaussians.params.items():
+        torch.testing.assert_close(loaded.gaussians.params[name], value.detach())
+    torch.testing.assert_close(loaded.attentions["regions"].psc, memory.attentions["regions"].psc)
+    assert loaded.identities == {"regions": {"name": "gt-regions", "sha256": "test"}}
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_memory(tmp_path / "junk.pt")
+    torch.save({"format": "m3-memory/0"}, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match="retrain"):
+        load_memory(tmp_path / "old.pt")
+    save_memory(tmp_path / "copy.pt", loaded)
+    assert not list(tmp_path.glob(".copy.pt.*"))  # no temporary file left behind
+
+
+def test_bad_queries_and_cancel(trained, tiny, tmp_path):
+    memory, _, _, _ = trained
+    root, scene, objects = tiny
+    with pytest.raises(QueryError, match="no 'clip' features"):
+        locate(memory, torch.zeros(DIM), scene.c2w[:1], scene.Ks[:1], 160, 120, model="clip")
+    _, features = region_features(root, scene, len(objects))
+    with pytest.raises(TrainingCancelled):
+        train(scene, {"regions": features}, TrainConfig(iterations=50), tmp_path / "never.pt",
+              should_cancel=lambda: True)
+    assert not (tmp_path / "never.pt").exists()
+
+
+def test_grasp_faces_the_surface():
+    rng = np.random.default_rng(0)
+    plane = np.c_[rng.random((200, 2)) * 0.1, np.zeros(200)]  # a patch of table top, seen from above
+    pose = grasp_pose(plane, camera_center=np.array([0.0, 0.0, 1.0]))
+    np.testing.assert_allclose(pose[:3, 2], [0, 0, -1], atol=1e-6)
+    np.testing.assert_allclose(pose[:3, :3].T @ pose[:3, :3], np.eye(3), atol=1e-9)
