@@ -14,7 +14,7 @@ test-all:       ## everything, slow end-to-end runs included
 	$(PY) -m pytest -m "slow or not slow"
 
 demo:           ## generate the demo tabletop scene (scene directory + rosbag2 bag + previews)
-	$(VENV)/bin/m3 demo-scene --out data/demo
+	rm -rf data/demo && $(VENV)/bin/m3 demo-scene --out data/demo
 
 bench:          ## benchmark scripts; tables printed, results under bench/results/
 	for script in bench/bench_*.py; do $(PY) $$script || exit 1; done

@@ -33,16 +33,13 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 log "installing torch"
-# torch==2.13.0: the CPU build where one is provided locally, else PyPI's default (CUDA) build.
-pip_install torch==2.13.0
+# torchvision (needed by open_clip) imports only beside the matching torch build, so both are pinned together; on a
+# machine without a GPU the build runs on the CPU.
+pip_install torch==2.14.1 torchvision==0.29.1
 log "installing Python dependencies"
 pip_install -r "$ROOT/requirements.txt"
 log "installing ROS 2 Kilted wheels"
 pip_install -r "$ROOT/requirements-ros.txt"
-if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
-  log "CUDA GPU found: installing gsplat"
-  pip_install -r "$ROOT/requirements-cuda.txt"
-fi
 
 # Interface packages: m3_msgs, and standard ones missing from PyPI (tf2_msgs). Built with plain cmake into the venv,
 # which is itself an ament prefix.
@@ -89,6 +86,10 @@ SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['pur
 cat >"$SITE/m3_ament_prefix.pth" <<'PTH'
 import os, sys; _p = os.environ.get("AMENT_PREFIX_PATH", ""); sys.prefix in _p.split(os.pathsep) or os.environ.__setitem__("AMENT_PREFIX_PATH", os.pathsep.join(x for x in (_p, sys.prefix) if x))
 PTH
+
+log "building the CPU rasterizer"
+"$VENV/bin/python" -m m3_memory.core.raster.build >"$VENV/var/m3_build/raster.log" 2>&1 \
+  || { tail -30 "$VENV/var/m3_build/raster.log"; die "building the CPU rasterizer failed"; }
 
 # The venv's ros2 front end, only where no real ros2cli is importable (never over a ROS 2 install).
 if "$VENV/bin/python" -c "import ros2cli" 2>/dev/null; then
