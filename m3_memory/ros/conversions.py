@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
-from geometry_msgs.msg import Transform
+from geometry_msgs.msg import Pose, Transform
 from sensor_msgs.msg import CameraInfo, Image
 
-from m3_memory.core.geometry import pose_from_xyzw
+from m3_memory.core.geometry import pose_from_xyzw, xyzw_from_pose
 
 
 class ImageEncodingError(ValueError):
@@ -21,6 +21,21 @@ def transform_to_matrix(transform: Transform) -> np.ndarray:
     """`[4, 4]` pose of a geometry_msgs/Transform."""
     r, t = transform.rotation, transform.translation
     return pose_from_xyzw([r.x, r.y, r.z, r.w], [t.x, t.y, t.z])
+
+
+def pose_to_matrix(pose: Pose) -> np.ndarray:
+    """`[4, 4]` of a geometry_msgs/Pose."""
+    q, p = pose.orientation, pose.position
+    return pose_from_xyzw([q.x, q.y, q.z, q.w], [p.x, p.y, p.z])
+
+
+def matrix_to_pose(matrix: np.ndarray) -> Pose:
+    """geometry_msgs/Pose of a rigid `[4, 4]`."""
+    quat, trans = xyzw_from_pose(matrix)
+    pose = Pose()
+    pose.position.x, pose.position.y, pose.position.z = (float(v) for v in trans)
+    pose.orientation.x, pose.orientation.y, pose.orientation.z, pose.orientation.w = (float(v) for v in quat)
+    return pose
 
 
 def camera_info_K(info: CameraInfo) -> np.ndarray:
