@@ -50,13 +50,13 @@ def clustered(n: int, d: int, k: int, noise: float, seed: int) -> torch.Tensor:
     ],
 )
 def test_matches_naive_on_clustered_data(threshold, noise, chunk, block):
-    features = clustered(2000, 32, 25, noise, seed=int(threshold * 100))
+    features = clustered(1500, 32, 25, noise, seed=int(threshold * 100))
     expected = naive_psc(features, threshold, chunk=500)
     result = principal_scene_components(features, PSCConfig(threshold, chunk=chunk, block=block))
     assert 1 < len(expected) < len(features)  # the case is neither trivial nor degenerate
     assert torch.equal(result.indices, expected)
     assert torch.equal(result.components, features[expected])
-    assert result.n_input == 2000 and result.reduction_ratio == pytest.approx(2000 / len(expected))
+    assert result.n_input == 1500 and result.reduction_ratio == pytest.approx(1500 / len(expected))
 
 
 @pytest.mark.parametrize(("chunk", "block", "max_pairs"), [(1, 97, 1 << 24), (300, 7, 1 << 24), (400, 128, 5)])
