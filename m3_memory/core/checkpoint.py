@@ -1,13 +1,12 @@
 """One file per memory: Gaussians, PSC banks + Wm per model, extractor identities, config; written atomically."""
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from m3_memory.core.atomic import write_atomic
 from m3_memory.core.errors import M3Error
 from m3_memory.core.gaussians import GaussianModel
 from m3_memory.core.memory import MemoryAttention
@@ -46,8 +45,6 @@ class Memory:
 
 def save_memory(path: str | Path, memory: Memory, training_state: dict | None = None) -> Path:
     """Write `memory` (and optional optimizer/strategy state for resuming) to `path` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "gaussians": {name: p.detach().cpu() for name, p in memory.gaussians.params.items()},
@@ -63,17 +60,7 @@ def save_memory(path: str | Path, memory: Memory, training_state: dict | None = 
         "views": memory.views,
         "training_state": training_state,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda handle: torch.save(payload, handle))
 
 
 def load_memory(path: str | Path, device: str | torch.device = "cpu") -> tuple[Memory, dict | None]:

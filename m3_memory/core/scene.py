@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 from PIL import Image
 from transforms3d.quaternions import quat2mat
 
+from m3_memory.core.atomic import write_atomic
 from m3_memory.core.geometry import invert_pose, is_rigid, make_pose
 
 SCENE_FORMAT_VERSION = 1
@@ -148,32 +148,7 @@ def _check_pose(c2w: np.ndarray, where: str) -> None:
 
 def save_png_atomic(path: Path, image: np.ndarray) -> None:
     """Write `image` ([H, W, 3] uint8, or [H, W] uint8/uint16) as PNG via a temporary file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o644)  # mkstemp files are private; scene files are ordinary data
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            Image.fromarray(image).save(handle, format="PNG")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o644)  # mkstemp files are private; scene files are ordinary data
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda handle: Image.fromarray(image).save(handle, format="PNG"))
 
 
 def encode_depth(depth: np.ndarray, depth_scale: float) -> np.ndarray:
@@ -222,7 +197,7 @@ class SceneWriter:
             if existing != meta:
                 raise SceneError(f"{self.root} already holds a scene with different meta; use a new directory")
         else:
-            _write_text_atomic(meta_path, json.dumps(meta.to_json(), indent=2) + "\n")
+            write_atomic(meta_path, lambda handle: handle.write((json.dumps(meta.to_json(), indent=2) + "\n").encode()))
         index_path = self.root / INDEX_FILE
         entries, good_end = _read_index(index_path)
         self._ids = {str(entry.get("id")) for entry in entries}

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from m3_memory.core.atomic import write_atomic
 from m3_memory.core.features.base import FeatureExtractor, ModelIdentity
 
 CACHE_FORMAT = 1
@@ -35,19 +34,6 @@ def _bytes_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class FeatureCache:
@@ -96,10 +82,10 @@ class FeatureCache:
         """Write `features: [h, w, d]` as float16 entry `key` (atomically) and return it memory-mapped."""
         data_path, meta_path = self._paths(key)
         half = np.ascontiguousarray(features, dtype=np.float16)
-        _write_atomic(data_path, lambda handle: np.save(handle, half))
+        write_atomic(data_path, lambda handle: np.save(handle, half))
         meta = {"format": CACHE_FORMAT, "identity": self.identity.to_json(), "shape": list(half.shape),
                 "dtype": "float16", "sha256": _bytes_sha256(data_path)}
-        _write_atomic(meta_path, lambda handle: handle.write((json.dumps(meta) + "\n").encode()))
+        write_atomic(meta_path, lambda handle: handle.write((json.dumps(meta) + "\n").encode()))
         self._verified.add(key)
         return np.load(data_path, mmap_mode="r")
 
