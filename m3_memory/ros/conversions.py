@@ -4,8 +4,10 @@ from __future__ import annotations
 import numpy as np
 from geometry_msgs.msg import Pose, Transform
 from sensor_msgs.msg import CameraInfo, Image
+from tf2_msgs.msg import TFMessage
 
 from m3_memory.core.geometry import pose_from_xyzw, xyzw_from_pose
+from m3_memory.core.transforms import TransformBuffer
 
 
 class ImageEncodingError(ValueError):
@@ -21,6 +23,16 @@ def transform_to_matrix(transform: Transform) -> np.ndarray:
     """`[4, 4]` pose of a geometry_msgs/Transform."""
     r, t = transform.rotation, transform.translation
     return pose_from_xyzw([r.x, r.y, r.z, r.w], [t.x, t.y, t.z])
+
+
+def add_transforms(buffer: TransformBuffer, msg: TFMessage, static: bool, logger) -> None:
+    """Feed a /tf or /tf_static message into `buffer`; malformed transforms are logged and skipped."""
+    for t in msg.transforms:
+        try:
+            buffer.set_transform(t.header.frame_id, t.child_frame_id, stamp_ns(t.header.stamp),
+                                 transform_to_matrix(t.transform), static=static)
+        except ValueError as exc:
+            logger.warning(f"ignoring transform: {exc}", throttle_duration_sec=5.0)
 
 
 def pose_to_matrix(pose: Pose) -> np.ndarray:

@@ -28,9 +28,8 @@ from m3_memory.core.errors import M3Error
 from m3_memory.core.locate import locate
 from m3_memory.core.query import DEFAULT_MAX_QUERY_CHARS, validate_query
 from m3_memory.core.transforms import TransformBuffer
-from m3_memory.ros.conversions import camera_info_K, matrix_to_pose, pose_to_matrix, stamp_ns, transform_to_matrix
-from m3_memory.ros.qos import LATCHED
-from m3_memory.ros.recorder import TF_QOS, TF_STATIC_QOS
+from m3_memory.ros.conversions import add_transforms, camera_info_K, matrix_to_pose, pose_to_matrix
+from m3_memory.ros.qos import LATCHED, TF_QOS, TF_STATIC_QOS
 from m3_memory.ros.spin import spin_node
 
 NO_MEMORY = "no memory loaded yet: record a scan and train one with the /m3/train action"
@@ -84,12 +83,7 @@ class MemoryServer(Node):
 
     # --- inputs -------------------------------------------------------------------------------------------------
     def on_tf(self, msg: TFMessage, static: bool) -> None:
-        for t in msg.transforms:
-            try:
-                self.tf.set_transform(t.header.frame_id, t.child_frame_id, stamp_ns(t.header.stamp),
-                                      transform_to_matrix(t.transform), static=static)
-            except ValueError as exc:
-                self.get_logger().warning(f"ignoring transform: {exc}", throttle_duration_sec=5.0)
+        add_transforms(self.tf, msg, static, self.get_logger())
 
     def on_camera_info(self, msg: CameraInfo) -> None:
         self.camera_info = msg

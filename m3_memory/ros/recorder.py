@@ -19,7 +19,7 @@ from pathlib import Path
 
 from m3_msgs.msg import RecorderStatus
 from rclpy.node import Node
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image
 from std_srvs.srv import Trigger
 from tf2_msgs.msg import TFMessage
@@ -27,14 +27,11 @@ from tf2_msgs.msg import TFMessage
 from m3_memory.core.recording import KeyframeConfig, KeyframeSelector
 from m3_memory.core.scene import SceneMeta, SceneWriter
 from m3_memory.core.transforms import TransformBuffer, TransformError
-from m3_memory.ros.conversions import (ImageEncodingError, camera_info_K, image_to_depth, image_to_rgb, stamp_ns,
-                                       transform_to_matrix)
-from m3_memory.ros.qos import LATCHED
+from m3_memory.ros.conversions import (ImageEncodingError, add_transforms, camera_info_K, image_to_depth, image_to_rgb,
+                                       stamp_ns)
+from m3_memory.ros.qos import LATCHED, TF_QOS, TF_STATIC_QOS
 from m3_memory.ros.spin import spin_node
 
-# tf2's conventions: /tf_static is latched and reliable, /tf is a reliable stream.
-TF_STATIC_QOS = QoSProfile(depth=100, durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE)
-TF_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
 IMAGE_QOS = QoSProfile(depth=30, reliability=ReliabilityPolicy.RELIABLE)
 
 
@@ -96,12 +93,7 @@ class Recorder(Node):
 
     # --- inputs -------------------------------------------------------------------------------------------------
     def on_tf(self, msg: TFMessage, static: bool) -> None:
-        for t in msg.transforms:
-            try:
-                self.buffer.set_transform(t.header.frame_id, t.child_frame_id, stamp_ns(t.header.stamp),
-                                          transform_to_matrix(t.transform), static=static)
-            except ValueError as exc:
-                self.get_logger().warning(f"ignoring transform: {exc}", throttle_duration_sec=5.0)
+        add_transforms(self.buffer, msg, static, self.get_logger())
 
     def on_camera_info(self, msg: CameraInfo) -> None:
         self.camera_info = msg
