@@ -71,6 +71,16 @@ def text_encoder(memory, model: str):
 
 
 def run_train(args) -> int:
+    from m3_memory.core.errors import M3Error
+
+    try:
+        return _train(args)
+    except (M3Error, ValueError, OSError) as exc:
+        print(f"m3 train: {exc}", file=sys.stderr)
+        return 2
+
+
+def _train(args) -> int:
     from tqdm import tqdm
 
     from m3_memory.core.scene import Scene
