@@ -94,7 +94,7 @@ def test_train_then_locate_then_cancel(scene_dir, tmp_path, ros_node):
         assert trainer.poll() is None
 
 
-def test_two_hundred_queries_keep_memory_flat(scene_dir, tmp_path):
+def test_two_hundred_queries_keep_memory_flat(scene_dir, tmp_path, ros_node):
     from m3_memory.core.cli import load_train_config, scene_features
     from m3_memory.core.trainer import train
 
@@ -102,14 +102,19 @@ def test_two_hundred_queries_keep_memory_flat(scene_dir, tmp_path):
     config = load_train_config(None, {"iterations": 20})
     train(scene, scene_features(scene, scene_dir, ["m3-tinyvlm"], progress=False), config, tmp_path / "m.pt")
     view = matrix_to_pose(scene.c2w[1])
-    try:
-        with node_process("m3_memory_server", "--ros-args", "-p", f"checkpoint:={tmp_path / 'm.pt'}") as server:
-            assert wait_for(lambda: ask("red cube", view=view).success or None, 60)
-            for _ in range(20):
-                ask("a cat", view=view)
-            warm = rss_mb(server.pid)
-            for i in range(180):
-                assert ask("yellow ball" if i % 2 else "", view=view).success == bool(i % 2)
-            assert rss_mb(server.pid) - warm < 40, (warm, rss_mb(server.pid))
-    finally:
-        rclpy.try_shutdown()
+    client = ros_node.create_client(Locate, "/m3/locate")  # one client: discovery once, not per call
+
+    def call(query: str) -> Locate.Response:
+        future = client.call_async(Locate.Request(query=query, view=view))
+        rclpy.spin_until_future_complete(ros_node, future, timeout_sec=60)
+        return future.result()
+
+    with node_process("m3_memory_server", "--ros-args", "-p", f"checkpoint:={tmp_path / 'm.pt'}") as server:
+        assert client.wait_for_service(timeout_sec=60)
+        assert wait_for(lambda: call("red cube").success, 60)
+        for _ in range(20):
+            call("a cat")
+        warm = rss_mb(server.pid)
+        for i in range(180):
+            assert call("yellow ball" if i % 2 else "").success == bool(i % 2)
+        assert rss_mb(server.pid) - warm < 40, (warm, rss_mb(server.pid))

@@ -1,25 +1,44 @@
 """The one way every m3 node process starts, spins and stops."""
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Callable
 
 import rclpy
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
+from rclpy.signals import SignalHandlerOptions
+
+# How often the main thread comes back from the executor to see whether a stop was requested.
+POLL_SECONDS = 0.1
 
 
 def spin_node(factory: Callable[[], Node], args: list[str] | None = None, threads: int = 2) -> int:
-    """Create the node, spin it until SIGINT/SIGTERM or shutdown, destroy it cleanly. Returns the exit code."""
-    rclpy.init(args=args)
-    node = None
+    """Create the node, spin it until SIGINT/SIGTERM, destroy it cleanly. Returns the exit code.
+
+    SIGINT/SIGTERM are handled here in Python, not by rclpy's own handler: the main thread polls a flag between short
+    executor waits, so a stop request is honoured even while the process is busy importing torch or loading a memory
+    (rclpy's handler was seen to leave a loaded node hanging until SIGKILL).
+    """
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    node, executor = None, None
     try:
+        if stop.is_set():
+            return 0
         node = factory()
         executor = MultiThreadedExecutor(num_threads=threads)
         executor.add_node(node)
-        executor.spin()
+        while not stop.is_set() and rclpy.ok():
+            executor.spin_once(timeout_sec=POLL_SECONDS)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        if executor is not None:
+            executor.shutdown(timeout_sec=5.0)
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
