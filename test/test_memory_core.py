@@ -14,7 +14,7 @@ from m3_memory.core.checkpoint import CheckpointError, load_memory, save_memory
 from m3_memory.core.gaussians import GaussianConfig, GaussianModel, sh_basis
 from m3_memory.core.locate import locate, locate_gaussians
 from m3_memory.core.losses import feature_loss, rgb_loss, ssim
-from m3_memory.core.query import QueryError, grasp_pose, otsu_threshold
+from m3_memory.core.query import QueryError, grasp_pose, otsu_threshold, relevancy
 from m3_memory.core.scene import Scene
 from m3_memory.core.trainer import TrainConfig, TrainingCancelled, ViewFeatures, train
 from m3_memory.sim import demo_scene
@@ -128,6 +128,12 @@ def test_bad_queries_and_cancel(trained, tiny, tmp_path):
         train(scene, {"regions": features}, TrainConfig(iterations=50), tmp_path / "never.pt",
               should_cancel=lambda: True)
     assert not (tmp_path / "never.pt").exists()
+
+
+def test_relevancy_prefers_the_phrase_over_every_negative():
+    positive, negatives = torch.eye(4)[0], torch.eye(4)[1:3]
+    scores = relevancy(torch.stack([torch.eye(4)[0], torch.eye(4)[1], torch.eye(4)[3]]), positive, negatives)
+    assert scores[0] > 0.99 and scores[1] < 0.01 and abs(float(scores[2]) - 0.5) < 1e-6
 
 
 def test_grasp_faces_the_surface():

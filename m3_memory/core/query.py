@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor
