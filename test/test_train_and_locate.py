@@ -5,7 +5,6 @@ import shutil
 import numpy as np
 import pytest
 import rclpy
-from geometry_msgs.msg import Pose
 from m3_msgs.action import Train
 from m3_msgs.srv import Locate
 from rclpy.action import ActionClient

@@ -1,7 +1,6 @@
 """`m3 train SCENE` and `m3 query MEMORY "phrase"`: the engine from the command line, no ROS needed."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -56,20 +55,6 @@ def scene_features(scene, scene_dir: Path, models: list[str], progress: bool = T
     return features
 
 
-def text_encoder(memory, model: str):
-    """The extractor whose feature space `model`'s slice of `memory` was trained in (weights hash checked)."""
-    from m3_memory.core.errors import M3Error
-    from m3_memory.core.features.registry import build_extractor
-
-    if model not in memory.identities:
-        raise M3Error(f"this memory holds no {model!r} features (it has {memory.models})")
-    extractor = build_extractor(memory.identities[model]["name"])
-    if extractor.identity.to_json() != memory.identities[model]:
-        raise M3Error(f"the installed {model!r} model ({extractor.identity.key}) is not the one this memory was "
-                      f"trained with ({memory.identities[model]}): decoding would mix feature spaces")
-    return extractor
-
-
 def run_train(args) -> int:
     from m3_memory.core.errors import M3Error
 
@@ -108,11 +93,9 @@ def _train(args) -> int:
 
 
 def run_query(args) -> int:
-    import torch
-
     from m3_memory.core.checkpoint import load_memory
     from m3_memory.core.errors import M3Error
-    from m3_memory.core.locate import locate, locate_gaussians
+    from m3_memory.core.locate import locate, locate_gaussians, text_encoder
     from m3_memory.core.query import validate_query
 
     try:

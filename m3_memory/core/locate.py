@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from m3_memory.core.checkpoint import Memory
-from m3_memory.core.errors import QueryError
+from m3_memory.core.errors import M3Error, QueryError
 from m3_memory.core.query import LocateResult, backproject, grasp_pose, otsu_threshold, score_pixels, select_region
 
 MIN_REGION_PIXELS = 4
@@ -100,3 +100,16 @@ def locate_gaussians(memory: Memory, text: Tensor, model: str = "clip", top_k: i
     weights = opacity[ranked][close]
     point = (means[close] * weights[:, None]).sum(0) / weights.sum()
     return point.cpu().numpy(), float(scores[ranked].mean())
+
+
+def text_encoder(memory, model: str):
+    """The extractor whose feature space `model`'s slice of `memory` was trained in (weights hash checked)."""
+    from m3_memory.core.features.registry import build_extractor
+
+    if model not in memory.identities:
+        raise M3Error(f"this memory holds no {model!r} features (it has {memory.models})")
+    extractor = build_extractor(memory.identities[model]["name"])
+    if extractor.identity.to_json() != memory.identities[model]:
+        raise M3Error(f"the installed {model!r} model ({extractor.identity.key}) is not the one this memory was "
+                      f"trained with ({memory.identities[model]}): decoding would mix feature spaces")
+    return extractor

@@ -116,8 +116,8 @@ def scene_scale(c2w: np.ndarray) -> float:
     return float(1.1 * np.linalg.norm(centers - centers.mean(axis=0), axis=1).max())
 
 
-def build_attention(name: str, features: ViewFeatures, config: TrainConfig, device) -> tuple[MemoryAttention, int]:
-    """Algorithm 1 over this model's (strided) pixel features → its memory attention; returns it and the input count."""
+def build_attention(name: str, features: ViewFeatures, config: TrainConfig, device) -> MemoryAttention:
+    """Algorithm 1 over this model's (strided) pixel features → its memory attention."""
     stride = config.psc_pixel_stride
     rows = np.concatenate([np.asarray(m[::stride, ::stride]).reshape(-1, m.shape[-1]) for m in features.maps])
     rows = rows[np.abs(rows).sum(axis=1) > 0]
@@ -125,7 +125,7 @@ def build_attention(name: str, features: ViewFeatures, config: TrainConfig, devi
     result = principal_scene_components(torch.from_numpy(rows.astype(np.float32)), psc_config, device=device)
     attention = MemoryAttention(config.query_dim, result.components, temperature=config.temperature,
                                 learnable_wm=config.learnable_wm, seed=config.seed).to(device)
-    return attention, len(rows)
+    return attention
 
 
 def _optimizers(model: GaussianModel, attentions: dict[str, MemoryAttention], config: TrainConfig, scale: float):
@@ -178,7 +178,7 @@ def train(scene: Scene, features: dict[str, ViewFeatures], config: TrainConfig, 
                                           seed=config.seed)
         model = GaussianModel.from_points(xyz, rgb, {name: config.query_dim for name in features}, config.gaussians,
                                           seed=config.seed).to(device)
-        attentions = {name: build_attention(name, feats, config, device)[0] for name, feats in features.items()}
+        attentions = {name: build_attention(name, feats, config, device) for name, feats in features.items()}
         state, start = None, 0
     optimizers, extra_optimizers = _optimizers(model, attentions, config, scale)
     d = config.densify

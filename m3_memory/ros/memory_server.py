@@ -23,9 +23,8 @@ from tf2_msgs.msg import TFMessage
 from visualization_msgs.msg import Marker, MarkerArray
 
 from m3_memory.core.checkpoint import load_memory
-from m3_memory.core.cli import text_encoder
 from m3_memory.core.errors import M3Error
-from m3_memory.core.locate import locate
+from m3_memory.core.locate import locate, text_encoder
 from m3_memory.core.query import DEFAULT_MAX_QUERY_CHARS, validate_query
 from m3_memory.core.transforms import TransformBuffer
 from m3_memory.ros.conversions import add_transforms, camera_info_K, matrix_to_pose, pose_to_matrix
