@@ -13,8 +13,8 @@ test:           ## the test suite CI runs (no slow end-to-end runs)
 test-all:       ## everything, slow end-to-end runs included
 	$(PY) -m pytest -m "slow or not slow"
 
-demo:           ## generate the demo tabletop scene (scene directory + rosbag2 bag + previews)
-	rm -rf data/demo && $(VENV)/bin/m3 demo-scene --out data/demo
+demo:           ## scan -> train -> locate on the demo bag through the ROS 2 nodes; DEMO_ARGS=--json for one JSON line
+	$(VENV)/bin/m3 demo $(DEMO_ARGS)
 
 bench:          ## benchmark scripts; tables printed, results under bench/results/
 	for script in bench/bench_*.py; do $(PY) $$script || exit 1; done

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bench_psc import machine
+from machine import describe, machine_info, write_report  # bench/machine.py
 from m3_memory.core.memory.attention import MemoryAttention
 
 H, W = 480, 640
@@ -53,19 +53,15 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "attention")
     args = ap.parse_args()
-    rows = []
+    machine, rows = machine_info(args.device), []
     for t in args.banks:
         rows.append(time_decode(t, args.l, args.d, args.chunk, args.repeats, args.device))
         print(json.dumps(rows[-1]), flush=True)
-    report = {"benchmark": "memory attention decode_map, 640x480", "machine": machine(), "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    m = report["machine"]
+    report = {"benchmark": "memory attention decode_map, 640x480", "machine": machine, "rows": rows}
     lines = [
         "# Memory attention: one 640×480 map decoded from a [t, d] bank",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, device {args.device}, torch {m['torch']} "
-        f"({m['torch_threads']} threads). {m['note']}.",
+        f"Machine: {describe(machine)}; device {args.device}.",
         "",
         f"`MemoryAttention.decode_map`, l = {args.l}, d = {args.d}, chunk = {args.chunk} pixels, no grad, "
         f"median of {args.repeats} runs after a warm-up.",
@@ -73,8 +69,7 @@ def main() -> None:
         "| t | ms per map | GFLOP per map | GFLOP/s |",
         "|---|---|---|---|",
     ] + [f"| {r['t']:,} | {r['ms_per_map']:.0f} | {r['gflop_per_map']:.1f} | {r['gflop_per_s']:.1f} |" for r in rows]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, report, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

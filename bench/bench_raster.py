@@ -21,7 +21,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -30,6 +29,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from machine import machine_info, write_report  # noqa: E402  (bench/machine.py)
 from m3_memory.core.raster import rasterization  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -110,25 +110,6 @@ def bench_one(cfg: BenchConfig, n: int, width: int, height: int) -> dict:
     }
 
 
-def machine(cfg: BenchConfig) -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())  # fmt: skip
-    info = {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "python": platform.python_version(),
-        "load_average_at_start": os.getloadavg(),
-    }
-    if cfg.backend == "cuda":
-        import gsplat
-
-        info.update(gpu=torch.cuda.get_device_name(), gsplat=gsplat.__version__)
-    return info
-
-
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [
@@ -170,19 +151,15 @@ def main():
     if args.quick:
         cfg.counts, cfg.sizes = (10_000,), ((160, 120),)
     torch.set_num_threads(cfg.threads)
-    report = {"config": asdict(cfg), "machine": machine(cfg), "results": []}
+    report = {"config": asdict(cfg), "machine": {**machine_info(cfg.backend), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
+              "results": []}
     for width, height in cfg.sizes:
         for n in cfg.counts:
             row = bench_one(cfg, n, width, height)
             print(json.dumps(row), flush=True)
             report["results"].append(row)
     report["machine"]["load_average_at_end"] = os.getloadavg()
-    out = args.out or RESULTS / f"raster_{cfg.backend}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-
+    write_report(args.out or RESULTS / f"raster_{cfg.backend}", report, markdown(report))
 
 if __name__ == "__main__":
     main()

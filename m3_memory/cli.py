@@ -10,8 +10,10 @@ VERB_MODULES = (
     "m3_memory.sim.cli",
     "m3_memory.core.features.cli",
     "m3_memory.core.cli",
+    "m3_memory.core.eval.cli",
     "m3_memory.ros.locate_cli",
     "m3_memory.ros.bag_play",
+    "m3_memory.ros.demo",
 )
 
 

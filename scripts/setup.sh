@@ -72,14 +72,20 @@ build_interfaces "$ROOT/m3_msgs"
 log "installing m3_memory and m3_bringup"
 pip_install --no-deps --no-build-isolation -e "$ROOT"
 pip_install --no-deps --no-build-isolation "$ROOT/m3_bringup"
-# An editable install leaves data_files out: link m3_memory's share files to the source tree (as colcon
-# --symlink-install does), so its launch/ and config/ are found through the ament index and edits apply at once.
-SHARE="$VENV/share/m3_memory"
-mkdir -p "$SHARE" "$VENV/share/ament_index/resource_index/packages"
+# Share files link to the source tree (as colcon --symlink-install does), so launch/ and config/ are found through
+# the ament index and edits apply at once: an editable install leaves data_files out, a plain one copies them.
+link_share() {  # PACKAGE SOURCE_DIR ITEM...
+  local package=$1 source=$2 item
+  shift 2
+  mkdir -p "$VENV/share/$package"
+  for item in "$@"; do
+    if [ -e "$source/$item" ]; then rm -rf "${VENV:?}/share/$package/$item" && ln -sfn "$source/$item" "$VENV/share/$package/$item"; fi
+  done
+}
+mkdir -p "$VENV/share/ament_index/resource_index/packages"
 touch "$VENV/share/ament_index/resource_index/packages/m3_memory"
-for item in package.xml launch config; do
-  if [ -e "$ROOT/$item" ]; then ln -sfn "$ROOT/$item" "$SHARE/$item"; fi
-done
+link_share m3_memory "$ROOT" package.xml launch config
+link_share m3_bringup "$ROOT/m3_bringup" launch config
 
 # Processes of this venv find ament packages (share/, the resource index) without sourcing anything.
 SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")

@@ -142,3 +142,45 @@ def test_grasp_faces_the_surface():
     pose = grasp_pose(plane, camera_center=np.array([0.0, 0.0, 1.0]))
     np.testing.assert_allclose(pose[:3, 2], [0, 0, -1], atol=1e-6)
     np.testing.assert_allclose(pose[:3, :3].T @ pose[:3, :3], np.eye(3), atol=1e-9)
+
+
+def test_bad_inputs_say_what_to_fix(tiny, tmp_path):
+    from m3_memory.core.errors import M3Error
+    from m3_memory.core.features.base import FeatureModelError
+    from m3_memory.core.features.registry import build_extractor
+    from m3_memory.core.query import validate_query
+
+    root, scene, objects = tiny
+    for text, message in (("", "empty"), ("   ", "empty"), ("x" * 10_000, "limit is 256"), ("duck\nrm", "control")):
+        with pytest.raises(QueryError, match=message):
+            validate_query(text)
+    with pytest.raises(FeatureModelError, match="no feature model 'no-such-model'.*configured"):
+        build_extractor("no-such-model")
+    _, features = region_features(root, scene, len(objects))
+    with pytest.raises(M3Error, match="features for 5 views, the scene has 6"):
+        train(scene, {"regions": ViewFeatures(features.identity, features.maps[:-1])}, TrainConfig(iterations=1),
+              tmp_path / "m.pt")
+    with pytest.raises(M3Error, match="leaves no training view"):
+        train(scene, {"regions": features}, TrainConfig(iterations=1, holdout_every=1), tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="unknown training settings"):
+        TrainConfig.from_dict({"iteratons": 5})
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+@pytest.mark.slow
+def test_default_config_on_the_demo_scene_locates_every_object_within_5cm(tmp_path):
+    """Issue #5's acceptance run: config/train.yaml as shipped, the demo scene, CPU (~15 min on 2 cores; the same
+    figures come from bench/bench_train.py, which also reports timings)."""
+    from m3_memory.core.cli import load_train_config, scene_features
+    from m3_memory.core.locate import locate_in_memory, text_encoder
+
+    root = demo_scene("demo")
+    scene = Scene.load(root)
+    memory = train(scene, scene_features(scene, root, ["m3-tinyvlm"], progress=False), load_train_config(None, {}),
+                   tmp_path / "memory.pt")
+    encoder = text_encoder(memory, "m3-tinyvlm")
+    errors = {}
+    for obj in json.loads((root / "objects.json").read_text())["objects"]:
+        answer = locate_in_memory(memory, encoder.encode_text([obj["phrases"][0]])[0], model="m3-tinyvlm")
+        errors[obj["name"]] = float(np.linalg.norm(answer.result.point - np.asarray(obj["center"])))
+    assert len(errors) == 8 and max(errors.values()) < 0.05, errors

@@ -80,8 +80,9 @@ def test_train_then_locate_then_cancel(scene_dir, tmp_path, ros_node):
 
         unknown = ask("yellow bath duck", view=view, frame_id="gripper")
         assert not unknown.success and "unknown frame 'gripper'" in unknown.message
+        # No view and no robot TF: the server searches the memory's own training views and says why.
         no_pose = ask("yellow bath duck")
-        assert not no_pose.success and "no camera pose" in no_pose.message
+        assert no_pose.success and "the whole memory" in no_pose.message and "no camera pose" in no_pose.message
 
         # Cancel a long run: the previous memory stays in service.
         long_goal = Train.Goal(scene_dir=str(scene_dir), output=str(tmp_path / "never.pt"),
@@ -108,9 +109,12 @@ def test_two_hundred_queries_keep_memory_flat(scene_dir, tmp_path, ros_node):
         rclpy.spin_until_future_complete(ros_node, future, timeout_sec=60)
         return future.result()
 
-    with node_process("m3_memory_server", "--ros-args", "-p", f"checkpoint:={tmp_path / 'm.pt'}") as server:
+    with node_process("m3_memory_server", "--ros-args", "-p", f"checkpoint:={tmp_path / 'm.pt'}",
+                      "-p", "search_without_camera:=false") as server:
         assert client.wait_for_service(timeout_sec=60)
         assert wait_for(lambda: call("red cube").success, 60)
+        no_pose = ask("red cube")
+        assert not no_pose.success and "no camera pose" in no_pose.message
         for _ in range(20):
             call("a cat")
         warm = rss_mb(server.pid)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -55,14 +56,19 @@ def scene_features(scene, scene_dir: Path, models: list[str], progress: bool = T
     return features
 
 
-def run_train(args) -> int:
+def run_verb(verb: str, body: Callable[..., int], args) -> int:
+    """`body(args)`'s exit code, or 2 with `m3 VERB: why` on stderr when it fails on the user's input or files."""
     from m3_memory.core.errors import M3Error
 
     try:
-        return _train(args)
+        return body(args)
     except (M3Error, ValueError, OSError) as exc:
-        print(f"m3 train: {exc}", file=sys.stderr)
+        print(f"m3 {verb}: {exc}", file=sys.stderr)
         return 2
+
+
+def run_train(args) -> int:
+    return run_verb("train", _train, args)
 
 
 def _train(args) -> int:

@@ -494,9 +494,10 @@ def init_points_from_colmap(
 
 
 def init_points_from_depth(
-    scene: Scene, stride: int = 4, max_points: int | None = 200_000, seed: int = 0
+    scene: Scene, stride: int = 4, max_points: int | None = 200_000, seed: int = 0, views=None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Back-project every `stride`-th pixel with valid depth of every frame into the world frame.
+    """Back-project every `stride`-th pixel with valid depth of every frame (or of the frame indices `views`) into
+    the world frame.
 
     Returns `(xyz: [P, 3] float32 world metres, rgb: [P, 3] float32 in [0, 1])`, randomly subsampled (seeded) to
     `max_points`.
@@ -504,8 +505,8 @@ def init_points_from_depth(
     if stride < 1:
         raise SceneError(f"stride must be >= 1, got {stride}")
     all_xyz, all_rgb = [], []
-    for i, frame in enumerate(scene.frames):
-        depth = scene.depth(i)
+    for i in range(len(scene.frames)) if views is None else views:
+        frame, depth = scene.frames[i], scene.depth(i)
         if depth is None:
             continue
         depth = depth[::stride, ::stride]

@@ -1,8 +1,9 @@
 """Training an M3 memory from a posed scene and per-view foundation-model features (M3 §3, our notes §6-7).
 
 Per iteration: render one training view (colour + principal queries), RGB loss (L1 + D-SSIM), then for each model decode
-the rendered queries of `feature_samples` random pixels through its memory attention and compare with the raw features
-there (cosine + L2). Adam with 3DGS learning rates; densification is gsplat's `DefaultStrategy`.
+the rendered queries of `feature_samples` random pixels through its memory attention (or another decoder, as the
+distillation baseline's MLP) and compare with the raw features there (cosine + L2). Adam with 3DGS learning rates;
+densification is gsplat's `DefaultStrategy`.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class LearningRates:
     sh0: float = 2.5e-3
     shN: float = 2.5e-3 / 20
     queries: float = 5e-3
-    wm: float = 1e-3               # only with learnable_wm
+    wm: float = 1e-3               # learnable decoder weights: Wm with learnable_wm, the distillation baseline's MLP
 
 
 @dataclass
@@ -64,6 +65,7 @@ class TrainConfig:
     psc_pixel_stride: int = 4               # every k-th pixel (both axes) of every view feeds Algorithm 1
     init_stride: int = 4                    # back-projected depth pixels for the initial Gaussians
     init_max_points: int = 50_000
+    holdout_every: int = 0                  # > 0: views 0, k, 2k, ... are held out for evaluation (LLFF convention)
     log_every: int = 50
     gaussians: GaussianConfig = field(default_factory=GaussianConfig)
     lr: LearningRates = field(default_factory=LearningRates)
@@ -92,6 +94,10 @@ class ViewFeatures:
     maps: Sequence[np.ndarray]
 
 
+# (features per model, training view indices) → per model a decoder of rendered queries [P, l] into features [P, d]
+DecoderBuilder = Callable[[dict[str, ViewFeatures], np.ndarray], dict[str, torch.nn.Module]]
+
+
 @dataclass
 class Progress:
     iteration: int
@@ -110,16 +116,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def training_views(n_views: int, holdout_every: int) -> np.ndarray:
+    """Indices of the views trained on: all, or all but 0, k, 2k, ... when `holdout_every` = k > 0."""
+    views = np.arange(n_views)
+    if holdout_every > 0:
+        views = views[views % holdout_every != 0]
+    if len(views) == 0:
+        raise M3Error(f"holdout_every={holdout_every} leaves no training view of {n_views}")
+    return views
+
+
 def scene_scale(c2w: np.ndarray) -> float:
     """3DGS's scene extent: 1.1 × the largest camera distance from the cameras' centroid."""
     centers = c2w[:, :3, 3]
     return float(1.1 * np.linalg.norm(centers - centers.mean(axis=0), axis=1).max())
 
 
-def build_attention(name: str, features: ViewFeatures, config: TrainConfig, device) -> MemoryAttention:
-    """Algorithm 1 over this model's (strided) pixel features → its memory attention."""
+def build_attention(name: str, features: ViewFeatures, config: TrainConfig, device, views=None) -> MemoryAttention:
+    """Algorithm 1 over this model's (strided) pixel features of all views (or of `views`) → its memory attention."""
     stride = config.psc_pixel_stride
-    rows = np.concatenate([np.asarray(m[::stride, ::stride]).reshape(-1, m.shape[-1]) for m in features.maps])
+    maps = features.maps if views is None else [features.maps[i] for i in views]
+    rows = np.concatenate([np.asarray(m[::stride, ::stride]).reshape(-1, m.shape[-1]) for m in maps])
     rows = rows[np.abs(rows).sum(axis=1) > 0]
     psc_config = config.psc.get(name) or DEFAULT_PSC_CONFIGS.get(name) or PSCConfig(threshold=0.85, chunk=2000)
     result = principal_scene_components(torch.from_numpy(rows.astype(np.float32)), psc_config, device=device)
@@ -128,18 +145,18 @@ def build_attention(name: str, features: ViewFeatures, config: TrainConfig, devi
     return attention
 
 
-def _optimizers(model: GaussianModel, attentions: dict[str, MemoryAttention], config: TrainConfig, scale: float):
+def _optimizers(model: GaussianModel, decoders: dict[str, torch.nn.Module], config: TrainConfig, scale: float):
     lr = config.lr
     rates = {"means": lr.means * scale, "scales": lr.scales, "quats": lr.quats, "opacities": lr.opacities,
              "sh0": lr.sh0, "shN": lr.shN, "queries": lr.queries}
     optimizers = {name: torch.optim.Adam([{"params": [param], "lr": rates[name], "name": name}], eps=1e-15)
                   for name, param in model.params.items()}
-    wm = [a.wm for a in attentions.values() if isinstance(a.wm, torch.nn.Parameter)]
-    extra = [torch.optim.Adam(wm, lr=lr.wm)] if wm else []
+    learned = [p for d in decoders.values() for p in d.parameters() if p.requires_grad]
+    extra = [torch.optim.Adam(learned, lr=lr.wm)] if learned else []
     return optimizers, extra
 
 
-def _sample_features(features: ViewFeatures, view: int, us: np.ndarray, vs: np.ndarray, width: int, height: int):
+def sample_features(features: ViewFeatures, view: int, us: np.ndarray, vs: np.ndarray, width: int, height: int):
     """Raw features `[P, d]` at pixels (us, vs) of `view`, read from its (possibly lower-resolution) map."""
     fmap = features.maps[view]
     fy = np.minimum((vs * fmap.shape[0]) // height, fmap.shape[0] - 1)
@@ -149,9 +166,14 @@ def _sample_features(features: ViewFeatures, view: int, us: np.ndarray, vs: np.n
 
 def train(scene: Scene, features: dict[str, ViewFeatures], config: TrainConfig, output: str | Path,
           callback: Callable[[Progress], None] | None = None, should_cancel: Callable[[], bool] | None = None,
-          resume: str | Path | None = None) -> Memory:
+          resume: str | Path | None = None, decoders: DecoderBuilder | None = None,
+          record: dict | None = None) -> Memory:
     """Train a memory on `scene` and write it to `output` (atomically). `callback` gets a Progress every `log_every`
-    iterations; `should_cancel()` is polled every iteration; `resume` continues a checkpoint written by this function."""
+    iterations; `should_cancel()` is polled every iteration; `resume` continues a checkpoint written by this function.
+    `decoders(features, training view indices)` builds each model's decoder (`[P, l] → [P, d]`; moved to the training
+    device here, its trainable parameters learned at `config.lr.wm`); default: M3's memory attention, `build_attention`.
+    `record` is stored in the checkpoint's config beside the settings (what the memory is, e.g. a baseline's method).
+    """
     from gsplat.strategy import DefaultStrategy
 
     if len(scene) == 0:
@@ -167,6 +189,7 @@ def train(scene: Scene, features: dict[str, ViewFeatures], config: TrainConfig, 
     Ks = torch.from_numpy(scene.Ks).float().to(device)                             # [n, 3, 3]
     c2w = torch.from_numpy(scene.c2w).float().to(device)                           # [n, 4, 4]
     scale = scene_scale(scene.c2w)
+    train_views = training_views(n_views, config.holdout_every)
 
     if resume is not None:
         memory, state = load_memory(resume, device)
@@ -175,10 +198,14 @@ def train(scene: Scene, features: dict[str, ViewFeatures], config: TrainConfig, 
         model, attentions, start = memory.gaussians, memory.attentions, memory.iteration
     else:
         xyz, rgb = init_points_from_depth(scene, stride=config.init_stride, max_points=config.init_max_points,
-                                          seed=config.seed)
+                                          seed=config.seed, views=train_views)
         model = GaussianModel.from_points(xyz, rgb, {name: config.query_dim for name in features}, config.gaussians,
                                           seed=config.seed).to(device)
-        attentions = {name: build_attention(name, feats, config, device) for name, feats in features.items()}
+        if decoders is None:
+            attentions = {name: build_attention(name, feats, config, device, train_views)
+                          for name, feats in features.items()}
+        else:
+            attentions = {name: decoder.to(device) for name, decoder in decoders(features, train_views).items()}
         state, start = None, 0
     optimizers, extra_optimizers = _optimizers(model, attentions, config, scale)
     d = config.densify
@@ -201,7 +228,7 @@ def train(scene: Scene, features: dict[str, ViewFeatures], config: TrainConfig, 
         if should_cancel is not None and should_cancel():
             raise TrainingCancelled(f"training cancelled at iteration {step}")
         if not order:
-            order = rng.permutation(n_views).tolist()
+            order = rng.permutation(train_views).tolist()
         view = order.pop()
         out = model.render(c2w[view:view + 1], Ks[view:view + 1], width, height)
         loss_rgb = rgb_loss(out["rgb"], images[view:view + 1], config.ssim_weight)
@@ -212,7 +239,7 @@ def train(scene: Scene, features: dict[str, ViewFeatures], config: TrainConfig, 
             rendered = out["queries"][0, torch.from_numpy(vs).to(device), torch.from_numpy(us).to(device)]
             for name, feats in features.items():
                 decoded = attentions[name](rendered[:, model.query_slice(name)])
-                raw = _sample_features(feats, view, us, vs, width, height).to(device)
+                raw = sample_features(feats, view, us, vs, width, height).to(device)
                 loss_feat = loss_feat + feature_loss(decoded, raw)
         loss = loss_rgb + config.feature_weight * loss_feat
         strategy.step_pre_backward(model.params, optimizers, strategy_state, step, out["meta"])
@@ -230,10 +257,11 @@ def train(scene: Scene, features: dict[str, ViewFeatures], config: TrainConfig, 
             rate = elapsed / (done - start)
             callback(Progress(done, config.iterations, last["loss"], last["rgb"], last["feat"], len(model),
                               elapsed, rate * (config.iterations - done)))
-    views = {"c2w": scene.c2w, "K": scene.Ks, "width": width, "height": height}
+    views = {"c2w": scene.c2w[train_views], "K": scene.Ks[train_views], "width": width, "height": height}
     memory = Memory(model, attentions, {name: f.identity for name, f in features.items()}, scene.world_frame,
-                    asdict(config), config.iterations, views)
-    memory.config["final"] = {**last, "psnr": training_psnr(model, c2w, Ks, images)}
+                    {**asdict(config), **(record or {})}, config.iterations, views)
+    memory.config["final"] = {**last, "train_s": time.monotonic() - begin,
+                              "psnr": training_psnr(model, c2w[train_views], Ks[train_views], images[train_views])}
     training_state = {
         "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
         "extra_optimizers": [opt.state_dict() for opt in extra_optimizers],

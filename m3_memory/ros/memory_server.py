@@ -2,7 +2,8 @@
 
 Loads the checkpoint named by the `checkpoint` parameter, and again whenever the trainer announces a new one on
 `m3/checkpoint`. A request's text is encoded with the memory's own model, searched from the requested view (or the
-camera's latest pose from TF), lifted to 3D and returned in the requested frame; the answer is also published for the
+camera's latest pose from TF; without a live pose, in the whole memory by the direct 3D query, with up to
+`max_search_views` of its training views rendered for the grasp, unless `search_without_camera` is false), lifted to 3D and returned in the requested frame; the answer is also published for the
 arm (`m3/grasp_target`, PoseStamped), for people (`m3/heatmap`, Image; `m3/markers`, MarkerArray). Until a memory
 exists every request gets `success: false` and a message; bad requests likewise, never a crash.
 """
@@ -24,7 +25,7 @@ from visualization_msgs.msg import Marker, MarkerArray
 
 from m3_memory.core.checkpoint import load_memory
 from m3_memory.core.errors import M3Error
-from m3_memory.core.locate import locate, text_encoder
+from m3_memory.core.locate import locate, locate_in_memory, text_encoder
 from m3_memory.core.query import DEFAULT_MAX_QUERY_CHARS, validate_query
 from m3_memory.core.transforms import TransformBuffer
 from m3_memory.ros.conversions import add_transforms, camera_info_K, matrix_to_pose, pose_to_matrix
@@ -55,6 +56,8 @@ class MemoryServer(Node):
         self.method = p("method", "otsu").value
         self.grasp_mode = p("grasp_mode", "normal").value
         self.world_frame = p("world_frame", "world").value
+        self.search_without_camera = p("search_without_camera", True).value
+        self.max_search_views = p("max_search_views", 4).value
         self._lock = threading.Lock()
         self.loaded: LoadedMemory | None = None
         self.camera_info: CameraInfo | None = None
@@ -113,9 +116,10 @@ class MemoryServer(Node):
         self.status_pub.publish(status)
 
     # --- locate -------------------------------------------------------------------------------------------------
-    def camera(self, request: Locate.Request, memory) -> tuple[np.ndarray, np.ndarray, int, int]:
-        """View to search from: the request's pose, else the latest TF camera pose; intrinsics from CameraInfo, else
-        the memory's training camera."""
+    def views(self, request: Locate.Request, memory) -> tuple[np.ndarray | None, np.ndarray, int, int, str]:
+        """Where to look from: `c2w [4, 4]`, `K [3, 3]`, width, height and a description. The request's pose, else the
+        latest TF camera pose (intrinsics from CameraInfo, else the memory's training camera); `c2w` None (no pose, or
+        a stale one) means the whole memory is searched (`locate_in_memory`), unless `search_without_camera` is off."""
         views = memory.views
         K, width, height = views["K"][0], views["width"], views["height"]
         if self.camera_info is not None:
@@ -123,7 +127,16 @@ class MemoryServer(Node):
         q = request.view.orientation
         given = not (request.view == type(request.view)() or (q.x, q.y, q.z, q.w) == (0.0, 0.0, 0.0, 0.0))
         if given:
-            return pose_to_matrix(request.view), K, width, height
+            return pose_to_matrix(request.view), K, width, height, "the requested view"
+        try:
+            return self.camera_pose(), K, width, height, "the camera's current view"
+        except M3Error as exc:
+            if not self.search_without_camera:
+                raise
+            return None, K, width, height, f"the whole memory and {self.max_search_views} of its training views ({exc})"
+
+    def camera_pose(self) -> np.ndarray:
+        """Latest camera-to-world pose `[4, 4]` from TF; M3Error when absent or older than `max_pose_age_seconds`."""
         stamp = self.tf.latest_common_stamp(self.world_frame, self.camera_frame)
         if stamp is None:
             raise M3Error(f"no camera pose: no TF chain {self.world_frame} → {self.camera_frame} has arrived; publish "
@@ -132,7 +145,7 @@ class MemoryServer(Node):
         if stamp and age > self.max_pose_age_s * 1e9:
             raise M3Error(f"the latest camera pose is {age / 1e9:.1f} s old (limit {self.max_pose_age_s} s): is the "
                           "robot's TF still being published?")
-        return self.tf.lookup(self.world_frame, self.camera_frame, stamp), K, width, height
+        return self.tf.lookup(self.world_frame, self.camera_frame, stamp)
 
     def on_locate(self, request: Locate.Request, response: Locate.Response) -> Locate.Response:
         started = time.monotonic()
@@ -143,10 +156,13 @@ class MemoryServer(Node):
             if loaded is None:
                 raise M3Error(NO_MEMORY)
             frame = request.frame_id or loaded.memory.world_frame
-            c2w, K, width, height = self.camera(request, loaded.memory)
+            c2w, K, width, height, source = self.views(request, loaded.memory)
             text = loaded.encoder.encode_text([query])[0]
-            result = locate(loaded.memory, text, c2w[None], K[None], width, height, model=loaded.model,
-                            method=self.method, grasp_mode=self.grasp_mode)
+            options = {"model": loaded.model, "method": self.method, "grasp_mode": self.grasp_mode}
+            if c2w is None:
+                result = locate_in_memory(loaded.memory, text, max_views=self.max_search_views, **options).result
+            else:
+                result = locate(loaded.memory, text, c2w[None], K[None], width, height, **options)
             frame_T_world = np.eye(4)
             if frame != loaded.memory.world_frame:
                 stamp = self.tf.latest_common_stamp(frame, loaded.memory.world_frame)
@@ -168,7 +184,7 @@ class MemoryServer(Node):
         if request.return_heatmap:
             response.heatmap = heatmap
         elapsed_ms = (time.monotonic() - started) * 1000
-        response.message = f"found {query!r} (score {result.score:.2f}) in {elapsed_ms:.0f} ms"
+        response.message = f"found {query!r} (score {result.score:.2f}) in {elapsed_ms:.0f} ms, searching {source}"
         self.grasp_pub.publish(response.grasp_pose)
         self.heatmap_pub.publish(heatmap)
         self.marker_pub.publish(self.markers(response, query))

@@ -59,7 +59,8 @@ class Recorder(Node):
     def __init__(self):
         super().__init__("recorder")
         p = self.declare_parameter
-        self.output_root = Path(p("output_root", "scans").value)
+        # absolute: the path goes to other nodes (the trainer) in status and service answers
+        self.output_root = Path(p("output_root", "scans").value).expanduser().resolve()
         self.world_frame = p("world_frame", "world").value
         self.require_depth = p("require_depth", True).value
         self.expected_fps = p("expected_fps", 30.0).value

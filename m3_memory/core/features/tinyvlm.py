@@ -144,7 +144,7 @@ class TinyVlmExtractor(FeatureExtractor):
             self.model, sha = load_weights(path, self.device), file_sha256(path)
         else:
             self.model, sha = TinyVlm(TinyVlmConfig(**config.options)).to(self.device).eval(), None
-        self.text = MiniLmText(self.device)
+        self._text: MiniLmText | None = None  # built on the first text query: image features do not need it
         self.name = config.name
         self.dim = self.model.config.dim
         self.patch_size = 16
@@ -162,4 +162,6 @@ class TinyVlmExtractor(FeatureExtractor):
 
     @torch.inference_mode()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        return self.model.text_tokens(self.text(texts))
+        if self._text is None:
+            self._text = MiniLmText(self.device)
+        return self.model.text_tokens(self._text(texts))

@@ -22,8 +22,10 @@ BUILD_COMMAND = "python -m m3_memory.core.raster.build"
 SOURCES = (Path(__file__).parent / "csrc" / "raster_cpu.cpp",)
 # -march=native: the library is built on the machine that runs it (setup step), and AVX helps the vector loops.
 # -ffp-contract=off: vectorised and scalar code round alike, so forward and backward screen pixels identically.
-# -fopenmp-simd: only `omp simd` loop hints (no OpenMP runtime), to vectorise channel reductions.
-CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp-simd")  # C++ standard: torch's own flag
+# -fopenmp: at::parallel_for's OpenMP backend is a header template, so it runs in parallel only when this file is
+# compiled with OpenMP; no -lgomp at link time, so GOMP_* resolve to torch's own bundled runtime and thread pool
+# (without the flag the tile loop silently ran on one thread). It also enables the `omp simd` channel reductions.
+CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp")  # C++ standard: torch's own flag
 LDFLAGS = ()
 
 STAMP = "SOURCE_DIGEST"
