@@ -64,11 +64,12 @@ def locate_in_memory(memory: Memory, text: Tensor, model: str = "clip", max_view
     """A query with no view of its own. The direct 3D query ranks every Gaussian of the scene, so it is the target; the
     training views that see it are then rendered (`locate`) for what only an image gives: the visible surface, the grasp
     approach along its normal, a heatmap. Where no view confirms it, a top-down grasp at the 3D answer."""
-    direct, score = locate_gaussians(memory, text, model=model)
+    scores = gaussian_scores(memory, text, model)  # once: the direct query and the object centre both rank by them
+    direct, score = locate_gaussians(memory, text, model=model, scores=scores)
     c2ws, Ks = search_views(memory, max_views, toward=direct)
     views = memory.views
     try:
-        result = locate(memory, text, c2ws, Ks, views["width"], views["height"], model=model, **options)
+        result = locate(memory, text, c2ws, Ks, views["width"], views["height"], model=model, scores=scores, **options)
         rendered = result.point.copy()
     except QueryError:
         blank = np.zeros((views["height"], views["width"]))
@@ -81,9 +82,11 @@ def locate_in_memory(memory: Memory, text: Tensor, model: str = "clip", max_view
 
 def locate(memory: Memory, text: Tensor, c2ws: np.ndarray, Ks: np.ndarray, width: int, height: int,
            model: str = "clip", method: str = "otsu", negatives: Tensor | None = None,
-           depths: np.ndarray | None = None, grasp_mode: str = "normal", min_alpha: float = 0.5) -> LocateResult:
+           depths: np.ndarray | None = None, grasp_mode: str = "normal", min_alpha: float = 0.5,
+           scores: Tensor | None = None) -> LocateResult:
     """Find `text: [d]` (the model's text embedding) seen from views `c2ws: [V, 4, 4]`, `Ks: [V, 3, 3]`.
-    `depths: [V, H, W]` metres replaces the rendered expected depth (a live depth camera).
+    `depths: [V, H, W]` metres replaces the rendered expected depth (a live depth camera); `scores: [N]` are the
+    Gaussians' `gaussian_scores` for `text` when the caller already has them.
 
     Each view proposes its best region; with several views the answer is the proposal that most other views agree with
     (summed scores of the proposals within CONSENSUS_RADIUS_M of it), then the best-scoring view of that cluster: one
@@ -107,17 +110,18 @@ def locate(memory: Memory, text: Tensor, c2ws: np.ndarray, Ks: np.ndarray, width
     if not proposals:
         raise QueryError("the query matched no confident region in any view: look at the object or rephrase")
     points = np.stack([p.point for p in proposals])
-    scores = np.array([p.score for p in proposals])
+    proposal_scores = np.array([p.score for p in proposals])
     near = np.linalg.norm(points[:, None] - points[None], axis=-1) < CONSENSUS_RADIUS_M
-    support = near.astype(float) @ scores
+    support = near.astype(float) @ proposal_scores
     cluster = near[int(np.argmax(support))]
     best = max((p for p, keep in zip(proposals, cluster) if keep), key=lambda p: p.score)
-    best.point = object_center(memory, text, model, best.point)
+    best.point = object_center(memory, text, model, best.point, scores)
     best.grasp[:3, 3] = best.point
     return best
 
 
-def object_center(memory: Memory, text: Tensor, model: str, surface_point: np.ndarray) -> np.ndarray:
+def object_center(memory: Memory, text: Tensor, model: str, surface_point: np.ndarray,
+                  scores: Tensor | None = None) -> np.ndarray:
     """The object's centre rather than the seen surface: a view sees only the near side, so average the Gaussians near
     `surface_point: [3]` whose own decoded query matches `text` (they cover every side the memory was trained on)."""
     means = memory.gaussians.params["means"].detach()
@@ -126,7 +130,9 @@ def object_center(memory: Memory, text: Tensor, model: str, surface_point: np.nd
             < OBJECT_RADIUS_M) & (opacity > 0.1)
     if int(near.sum()) < MIN_REGION_PIXELS:
         return surface_point
-    scores = gaussian_scores(memory, text, model)[near].cpu().numpy()
+    if scores is None:
+        scores = gaussian_scores(memory, text, model)
+    scores = scores[near].cpu().numpy()
     selected = torch.from_numpy(scores > otsu_threshold(scores)).to(means.device)
     if int(selected.sum()) < MIN_REGION_PIXELS:
         return surface_point
@@ -143,12 +149,14 @@ def gaussian_scores(memory: Memory, text: Tensor, model: str = "clip", chunk: in
                           for s in range(0, len(queries), chunk)])
 
 
-def locate_gaussians(memory: Memory, text: Tensor, model: str = "clip", top_k: int = 200) -> tuple[np.ndarray, float]:
+def locate_gaussians(memory: Memory, text: Tensor, model: str = "clip", top_k: int = 200,
+                     scores: Tensor | None = None) -> tuple[np.ndarray, float]:
     """Direct 3D query, no rendering and no view: among the `top_k` opaque Gaussians most similar to `text`, the one
     with the most similarity-weighted company within OBJECT_RADIUS_M marks the object (two objects sharing the top
     matches form two clusters, and a median or mean would fall between them); returns the opacity-weighted mean of the
     matches around it and their mean similarity."""
-    scores = gaussian_scores(memory, text, model)
+    if scores is None:
+        scores = gaussian_scores(memory, text, model)
     opacity = torch.sigmoid(memory.gaussians.params["opacities"].detach())
     ranked = torch.topk(torch.where(opacity > 0.1, scores, torch.full_like(scores, -2.0)), min(top_k, len(scores))).indices
     means = memory.gaussians.params["means"].detach()[ranked]
