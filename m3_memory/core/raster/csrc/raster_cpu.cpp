@@ -7,7 +7,6 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <numeric>
 #include <vector>
@@ -22,15 +21,16 @@ constexpr int64_t kChunk = 64;
 
 int num_threads() { return std::max(1, at::get_num_threads()); }
 
-// Runs body(task, worker) for every task in [0, n) on `workers` slots pulling tasks from a shared counter
-// (tiles differ widely in cost). The slots run on torch's own intra-op threads: separate threads would compete
-// with torch's OpenMP workers, which spin for a while after every torch op.
+// Runs body(task, worker) for every task in [0, n) on `workers` slots, slot w taking tasks w, w + workers, ...
+// (interleaved, so costly neighbouring tiles spread over slots). The assignment is static: each slot sums into its
+// own gradient buffer in a fixed order, so the backward is bitwise reproducible for a given thread count (a shared
+// task counter made it depend on scheduling). The slots run on torch's own intra-op threads: separate threads would
+// compete with torch's OpenMP workers, which spin for a while after every torch op.
 template <typename F>
 void parallel_tasks(int64_t n, int workers, const F& body) {
-  std::atomic<int64_t> next{0};
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w)
-      for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) body(t, static_cast<int>(w));
+      for (int64_t t = w; t < n; t += workers) body(t, static_cast<int>(w));
   });
 }
 
