@@ -19,7 +19,7 @@ from pathlib import Path
 
 from machine import describe, machine_info, write_report  # bench/machine.py (scripts run from bench/ on sys.path)
 from texts import TextCache  # bench/texts.py
-from m3_memory.core.cli import load_train_config, scene_features
+from m3_memory.core.pipeline import load_train_config, scene_features
 from m3_memory.core.distill import DecoderConfig, train_distilled
 from m3_memory.core.eval import DISTRACTOR_CAPTIONS, evaluate
 from m3_memory.core.scene import Scene

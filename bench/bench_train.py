@@ -25,8 +25,8 @@ import torch
 from machine import describe, machine_info, write_report  # bench/machine.py (scripts run from bench/ on sys.path)
 from texts import TextCache  # bench/texts.py
 from m3_memory.core.checkpoint import Memory
-from m3_memory.core.cli import load_train_config, parse_overrides, scene_features
-from m3_memory.core.locate import locate_in_memory
+from m3_memory.core.pipeline import load_train_config, parse_overrides, scene_features
+from m3_memory.core.engine import QueryEngine, QueryOptions
 from m3_memory.core.scene import Scene
 from m3_memory.core.trainer import resolve_device, train
 
@@ -47,16 +47,18 @@ def locate_objects(memory: Memory, model: str, objects: list[dict], texts: TextC
     """The answer (the direct 3D target, as the memory server gives it without a camera view) and what the rendered
     search alone found, for every object, with their errors and locate latencies (ms)."""
     rows = []
+    engine = QueryEngine(memory, model, texts)
+    options = QueryOptions(max_search_views=SEARCH_VIEWS)
     for obj in objects:
         text = texts([obj["query"]])[0]
         latencies = []
         for _ in range(LATENCY_REPEATS):
             started = time.perf_counter()
-            answer = locate_in_memory(memory, text, model=model, max_views=SEARCH_VIEWS)
+            answer = engine.answer(obj["query"], None, options, text=text)
             latencies.append(1e3 * (time.perf_counter() - started))
-        error = float(np.linalg.norm(answer.result.point - obj["truth"]))
+        error = float(np.linalg.norm(answer.point - obj["truth"]))
         rendered = None if answer.rendered_point is None else float(np.linalg.norm(answer.rendered_point - obj["truth"]))
-        rows.append({"name": obj["name"], "query": obj["query"], "target": answer.result.point.round(4).tolist(),
+        rows.append({"name": obj["name"], "query": obj["query"], "target": answer.point.round(4).tolist(),
                      "truth": obj["truth"].round(4).tolist(), "error_m": round(error, 4), "success": error <= SUCCESS_M,
                      "rendered_error_m": None if rendered is None else round(rendered, 4),
                      "locate_ms": [round(x, 1) for x in latencies]})
@@ -111,7 +113,7 @@ def main() -> None:
     texts([o["query"] for o in objects])  # before training: a missing text model fails at once
 
     started = time.monotonic()
-    features = scene_features(scene, args.scene, [args.model], progress=False)
+    features = scene_features(scene, args.scene, [args.model])
     features_s = time.monotonic() - started
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or Path(tmp) / "memory.pt"
@@ -125,7 +127,7 @@ def main() -> None:
     summary = {
         "iterations": config.iterations, "train_s": round(train_s, 1), "features_s": round(features_s, 1),
         "gaussians": len(memory.gaussians), "parameters": memory.num_parameters(), "bank_sizes": memory.bank_sizes(),
-        "psnr": round(memory.config["final"]["psnr"], 2), "views": len(memory.views["c2w"]), "objects": len(rows),
+        "psnr": round(memory.config["final"]["psnr"], 2), "views": len(memory.views), "objects": len(rows),
         "successes": sum(row["success"] for row in rows), "locate_ms_mean": round(float(np.mean(latencies)), 1),
         "locate_ms_p95": round(float(np.percentile(latencies, 95)), 1),
     }

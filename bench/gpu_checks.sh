@@ -27,7 +27,7 @@ step "gsplat JIT build (background) + CPU rasterizer build"
 (time python3 -c "from gsplat.cuda._backend import _C; assert _C is not None, 'gsplat CUDA build failed'") \
   >"$out/gsplat_build.log" 2>&1 &
 gsplat_build=$!
-python3 -m m3_memory.core.raster.build >"$out/cpu_raster_build.log" 2>&1 || tail -20 "$out/cpu_raster_build.log"
+python3 -m m3_memory.cli.build_raster >"$out/cpu_raster_build.log" 2>&1 || tail -20 "$out/cpu_raster_build.log"
 
 step "memory attention on CUDA"
 python3 bench/bench_attention.py --device cuda --banks 64 256 1024 4096 --repeats 5 --out "$out/attention_cuda"

@@ -27,6 +27,16 @@ if ! command -v cmake >/dev/null || ! command -v g++ >/dev/null; then
   fi
 fi
 
+# Headless Chromium and its driver for the viewer's browser test (test/test_viewer.py); optional elsewhere.
+if ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    log "installing chromium and chromium-driver (apt)"
+    apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    log "chromium-driver missing (not root): test/test_viewer.py needs it (apt-get install chromium chromium-driver)"
+  fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating venv $VENV"
   "$PYTHON" -m venv "$VENV"
@@ -85,7 +95,7 @@ link_share() {  # PACKAGE SOURCE_DIR ITEM...
 mkdir -p "$VENV/share/ament_index/resource_index/packages"
 touch "$VENV/share/ament_index/resource_index/packages/m3_memory"
 link_share m3_memory "$ROOT" package.xml launch config
-link_share m3_bringup "$ROOT/m3_bringup" launch config
+link_share m3_bringup "$ROOT/m3_bringup" launch config rviz
 
 # Processes of this venv find ament packages (share/, the resource index) without sourcing anything.
 SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
@@ -94,7 +104,7 @@ import os, sys; _p = os.environ.get("AMENT_PREFIX_PATH", ""); sys.prefix in _p.s
 PTH
 
 log "building the CPU rasterizer"
-"$VENV/bin/python" -m m3_memory.core.raster.build >"$VENV/var/m3_build/raster.log" 2>&1 \
+"$VENV/bin/python" -m m3_memory.cli.build_raster >"$VENV/var/m3_build/raster.log" 2>&1 \
   || { tail -30 "$VENV/var/m3_build/raster.log"; die "building the CPU rasterizer failed"; }
 
 # The venv's ros2 front end, only where no real ros2cli is importable (never over a ROS 2 install).

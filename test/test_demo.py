@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import run_command
 from m3_memory.sim import demo_scene
@@ -32,7 +33,9 @@ def test_demo_json_reports_every_object(demo_run):
     truth = {o["phrases"][0]: o["center"] for o in json.loads((demo_scene("tiny") / "objects.json").read_text())["objects"]}
     assert [row["query"] for row in report["objects"]] == list(truth)
     for row in report["objects"]:
-        assert set(row) == {"query", "target", "truth", "error_m", "success"}
+        assert set(row) == {"query", "target", "truth", "error_m", "success", "picture"}
+        picture = np.asarray(Image.open(row["picture"]))   # the answer's view with its heatmap, beside the JSON
+        assert picture.shape == (120, 160, 3) and picture.std() > 5
         assert np.allclose(row["truth"], truth[row["query"]], atol=1e-4)
         assert len(row["target"]) == 3
         assert row["error_m"] == pytest.approx(np.linalg.norm(np.subtract(row["target"], row["truth"])), abs=2e-4)

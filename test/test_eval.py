@@ -10,7 +10,7 @@ import torch
 
 from conftest import run_command
 from m3_memory.core.checkpoint import load_memory
-from m3_memory.core.cli import load_train_config, scene_features
+from m3_memory.core.pipeline import load_train_config, scene_features
 from m3_memory.core.distill import train_distilled
 from m3_memory.core.eval import (
     DISTRACTOR_CAPTIONS,
@@ -21,13 +21,13 @@ from m3_memory.core.eval import (
     load_ground_truth,
     mask_overlap,
     recall_at_k,
-    render_view,
     report_markdown,
 )
 from m3_memory.core.losses import psnr
-from m3_memory.core.memory import FeatureDecoder, MemoryAttention
+from m3_memory.core.memory import FeatureDecoder
 from m3_memory.core.scene import Scene
 from m3_memory.core.trainer import train
+from m3_memory.core.views import Camera, render_memory
 from m3_memory.sim import demo_scene
 
 HOLDOUT_EVERY = 4   # the tiny scene's 6 views: 0 and 4 held out, 1, 2, 3, 5 trained on
@@ -39,7 +39,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval") / "tiny"
     shutil.copytree(demo_scene("tiny"), root, ignore=shutil.ignore_patterns("bag", "previews"))
     scene = Scene.load(root)
-    return root, scene, scene_features(scene, root, [MODEL], progress=False)
+    return root, scene, scene_features(scene, root, [MODEL])
 
 
 def short_config(iterations: int):
@@ -96,7 +96,7 @@ def test_held_out_views_follow_the_trainer_convention():
 def test_m3_report_on_held_out_views_is_sane(m3, tiny):
     memory, _, report = m3
     root, scene, _ = tiny
-    assert len(memory.views["c2w"]) == 4                      # trained on the four non-held-out views only
+    assert len(memory.views) == 4                      # trained on the four non-held-out views only
     assert report["method"] == "m3" and report["views"]["evaluated"] == [0, 4] and report["views"]["held_out"]
     images = torch.from_numpy(scene.images()[[0, 4]]).float() / 255
     blank = np.mean([psnr(torch.zeros_like(image), image) for image in images])
@@ -165,10 +165,12 @@ def test_m3_eval_cli_writes_json_and_markdown(m3, tmp_path):
     assert report["checkpoint"] == str(path) and MODEL in report["features"] and MODEL in report["grounding"]
     markdown = (out / "eval.md").read_text()
     assert "held-out views" in markdown and "cosine distance" in markdown
-    assert (out / "localisation.png").is_file() or any("matplotlib" in n for n in report["notes"])
+    plot = out / "localisation.png"
+    assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and summary["plot"] == str(plot)
+    assert "![3D localisation](localisation.png)" in markdown   # the report embeds its plot
 
     missing = run_command("m3", "eval", str(scene_dir), str(tmp_path / "none.pt"))
-    assert missing.returncode == 2 and "checkpoint at" in missing.stderr
+    assert missing.returncode == 1 and "checkpoint at" in missing.stderr
 
 
 def test_distillation_baseline_trains_saves_loads_and_evaluates(distilled, tiny):
@@ -182,8 +184,9 @@ def test_distillation_baseline_trains_saves_loads_and_evaluates(distilled, tiny)
     decoder_params = 16 * 64 + 64 + 64 * 128 + 128
     gaussian_params = sum(p.numel() for p in loaded.gaussians.parameters())
     assert loaded.num_parameters() == gaussian_params + decoder_params == memory.num_parameters()
-    before = render_view(memory, scene.c2w[0], scene.Ks[0], 160, 120)["features"][MODEL]
-    after = render_view(loaded, scene.c2w[0], scene.Ks[0], 160, 120)["features"][MODEL]
+    camera = Camera(scene.c2w[0], scene.Ks[0], 160, 120)
+    before = render_memory(memory, camera, [MODEL]).features[MODEL]
+    after = render_memory(loaded, camera, [MODEL]).features[MODEL]
     torch.testing.assert_close(after, before)
 
     report = evaluate(scene, loaded, features)
@@ -192,16 +195,3 @@ def test_distillation_baseline_trains_saves_loads_and_evaluates(distilled, tiny)
     assert 0 <= report["features"][MODEL]["cosine_distance"] < 1
     assert 0 <= report["grounding"][MODEL]["miou"] <= 1
     assert len(report["localisation"][MODEL]["per_object"]) == 3
-
-
-def test_checkpoints_without_a_decoder_kind_load_as_memory_attention(m3, tmp_path):
-    _, path, _ = m3
-    payload = torch.load(path, weights_only=False)
-    assert [entry.pop("kind") for entry in payload["attentions"].values()] == ["attention"]
-    old = tmp_path / "old.pt"
-    torch.save(payload, old)
-    loaded, state = load_memory(old)
-    attention = loaded.attentions[MODEL]
-    assert isinstance(attention, MemoryAttention) and state is not None
-    gaussian_params = sum(p.numel() for p in loaded.gaussians.parameters())
-    assert loaded.num_parameters() == gaussian_params + attention.psc.numel() + attention.wm.numel()

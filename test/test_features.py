@@ -32,7 +32,7 @@ from m3_memory.core.features import (  # noqa: E402
     image_sha256,
     load_configs,
 )
-from m3_memory.core.features import cli as features_cli  # noqa: E402
+from m3_memory.cli import features as features_cli  # noqa: E402
 from m3_memory.core.features.base import tile_offsets  # noqa: E402
 from m3_memory.core.features.evaluate import composite_peaks, demo_object_peaks, photo_matching  # noqa: E402
 from m3_memory.core.features.regions import pool_regions, superpixels  # noqa: E402
@@ -384,7 +384,7 @@ def test_killed_extraction_resumes_keeping_finished_views(tinyvlm, tiny_scene, t
                       "    tile_size: null\n    min_side: 240\n    batch_size: 1\n")
     cache_root = tmp_path / "cache"
     process = subprocess.Popen(
-        [sys.executable, "-m", "m3_memory.core.features.cli", str(tiny_scene.root), "--config", str(config),
+        [sys.executable, "-m", "m3_memory.cli.features", str(tiny_scene.root), "--config", str(config),
          "--cache-dir", str(cache_root), "--no-progress"],
         env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
@@ -398,7 +398,7 @@ def test_killed_extraction_resumes_keeping_finished_views(tinyvlm, tiny_scene, t
     assert done >= 1, process.stdout.read().decode()
     cache = FeatureCache(cache_root, tinyvlm)
     calls = _count_dense(monkeypatch, tinyvlm)
-    features = extract_scene(tiny_scene, tinyvlm, cache, progress=False, batch=1)
+    features = extract_scene(tiny_scene, tinyvlm, cache, batch=1)
     assert sum(calls) == len(tiny_scene) - done and len(features) == len(tiny_scene)
     assert not list(entries.glob(".*.tmp"))
     assert np.allclose(features[0].astype(np.float32), tinyvlm.dense(tiny_scene.image(0)[None])[0].numpy(), atol=2e-3)
@@ -415,11 +415,11 @@ def test_interrupted_extraction_resumes_with_the_missing_views_only(tinyvlm, tin
 
     monkeypatch.setattr(tinyvlm, "dense", interrupt_after_two_views)
     with pytest.raises(KeyboardInterrupt):
-        extract_scene(tiny_scene, tinyvlm, cache, progress=False, batch=1)
+        extract_scene(tiny_scene, tinyvlm, cache, batch=1)
     monkeypatch.undo()
     calls = _count_dense(monkeypatch, tinyvlm)
     resumed = FeatureCache(tmp_path, tinyvlm)
-    features = extract_scene(tiny_scene, tinyvlm, resumed, progress=False, batch=2)
+    features = extract_scene(tiny_scene, tinyvlm, resumed, batch=2)
     assert sum(calls) == len(tiny_scene) - 2 and len(features) == len(tiny_scene) and resumed.recomputed == 0
 
 

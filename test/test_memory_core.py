@@ -11,15 +11,18 @@ import torch
 from PIL import Image
 
 from m3_memory.core.checkpoint import CheckpointError, load_memory, save_memory
+from m3_memory.core.engine import QueryEngine, QueryOptions
 from m3_memory.core.gaussians import GaussianConfig, GaussianModel, sh_basis
-from m3_memory.core.locate import locate, locate_gaussians
 from m3_memory.core.losses import feature_loss, rgb_loss, ssim
+from m3_memory.core.memory import PSCConfig
 from m3_memory.core.query import QueryError, grasp_pose, otsu_threshold, relevancy
 from m3_memory.core.scene import Scene
 from m3_memory.core.trainer import TrainConfig, TrainingCancelled, ViewFeatures, train
+from m3_memory.core.views import Camera
 from m3_memory.sim import demo_scene
 
 DIM = 32
+PSC = {"regions": PSCConfig(threshold=0.85)}   # θ of a model features.yaml does not know
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,7 @@ def region_features(root, scene, n_objects: int, seed: int = 0):
 def trained(tiny, tmp_path_factory):
     root, scene, objects = tiny
     table, features = region_features(root, scene, len(objects))
-    config = TrainConfig(iterations=300, log_every=100, init_max_points=8000)
+    config = TrainConfig(iterations=300, log_every=100, init_max_points=8000, psc=PSC)
     config.densify.refine_start_iter = 100
     config.densify.refine_every = 50
     progress = []
@@ -87,17 +90,29 @@ def test_training_reports_progress_and_learns(trained):
     assert memory.bank_sizes()["regions"] >= 3  # at least the object + background embeddings survive Algorithm 1
 
 
-def test_locate_lands_on_each_object(trained, tiny):
+def table_encoder(table, objects):
+    """Text side of the ground-truth region features: an object's name → its embedding; anything else (the canonical
+    negatives) → the background's."""
+    rows = {obj["name"]: table[obj["index"]] for obj in objects}
+    return lambda phrases: torch.from_numpy(np.stack([rows.get(p, table[0]) for p in phrases]))
+
+
+@pytest.mark.parametrize("render", ["scores", "features"])
+def test_locate_lands_on_each_object(trained, tiny, render):
     memory, _, table, _ = trained
     root, scene, objects = tiny
+    engine = QueryEngine(memory, "regions", table_encoder(table, objects))
+    options = QueryOptions(render=render)
     for obj in objects:
-        text = torch.from_numpy(table[obj["index"]])
-        result = locate(memory, text, scene.c2w, scene.Ks, scene.images().shape[2], scene.images().shape[1],
-                        model="regions")
-        error = np.linalg.norm(result.point - np.asarray(obj["center"]))
-        assert error < 0.05, f"{obj['name']}: {error:.3f} m"
-        point, _ = locate_gaussians(memory, text, model="regions")
-        assert np.linalg.norm(point - np.asarray(obj["center"])) < 0.08
+        seen = [i for i, f in enumerate(scene.frames)
+                if (np.asarray(Image.open(root / "masks" / f"{f.frame_id}.png")) == obj["index"]).sum() > 30]
+        answer = engine.answer(obj["name"], Camera(scene.c2w[seen[0]], scene.Ks[seen[0]], 160, 120), options)
+        error = np.linalg.norm(answer.point - np.asarray(obj["center"]))
+        assert error < 0.05, f"{obj['name']} from view {seen[0]}: {error:.3f} m"
+        assert answer.heatmap.shape == (120, 160) and answer.mask[answer.heatmap > 0].any()
+        whole = engine.answer(obj["name"], None, options)
+        assert np.linalg.norm(whole.point - np.asarray(obj["center"])) < 0.08
+        assert whole.heatmap_view >= 0 and whole.instances[0].views_seen >= 1
 
 
 def test_checkpoint_round_trip_and_bad_files(trained, tmp_path):
@@ -122,10 +137,10 @@ def test_bad_queries_and_cancel(trained, tiny, tmp_path):
     memory, _, _, _ = trained
     root, scene, objects = tiny
     with pytest.raises(QueryError, match="no 'clip' features"):
-        locate(memory, torch.zeros(DIM), scene.c2w[:1], scene.Ks[:1], 160, 120, model="clip")
+        QueryEngine(memory, "clip", encoder=lambda phrases: torch.zeros(len(phrases), DIM))
     _, features = region_features(root, scene, len(objects))
     with pytest.raises(TrainingCancelled):
-        train(scene, {"regions": features}, TrainConfig(iterations=50), tmp_path / "never.pt",
+        train(scene, {"regions": features}, TrainConfig(iterations=50, psc=PSC), tmp_path / "never.pt",
               should_cancel=lambda: True)
     assert not (tmp_path / "never.pt").exists()
 
@@ -158,10 +173,10 @@ def test_bad_inputs_say_what_to_fix(tiny, tmp_path):
         build_extractor("no-such-model")
     _, features = region_features(root, scene, len(objects))
     with pytest.raises(M3Error, match="features for 5 views, the scene has 6"):
-        train(scene, {"regions": ViewFeatures(features.identity, features.maps[:-1])}, TrainConfig(iterations=1),
+        train(scene, {"regions": ViewFeatures(features.identity, features.maps[:-1])}, TrainConfig(iterations=1, psc=PSC),
               tmp_path / "m.pt")
     with pytest.raises(M3Error, match="leaves no training view"):
-        train(scene, {"regions": features}, TrainConfig(iterations=1, holdout_every=1), tmp_path / "m.pt")
+        train(scene, {"regions": features}, TrainConfig(iterations=1, holdout_every=1, psc=PSC), tmp_path / "m.pt")
     with pytest.raises(ValueError, match="unknown training settings"):
         TrainConfig.from_dict({"iteratons": 5})
     assert not list(tmp_path.iterdir())  # nothing half-written
@@ -171,16 +186,15 @@ def test_bad_inputs_say_what_to_fix(tiny, tmp_path):
 def test_default_config_on_the_demo_scene_locates_every_object_within_5cm(tmp_path):
     """Issue #5's acceptance run: config/train.yaml as shipped, the demo scene, CPU (~15 min on 2 cores; the same
     figures come from bench/bench_train.py, which also reports timings)."""
-    from m3_memory.core.cli import load_train_config, scene_features
-    from m3_memory.core.locate import locate_in_memory, text_encoder
+    from m3_memory.core.pipeline import load_train_config, scene_features
 
     root = demo_scene("demo")
     scene = Scene.load(root)
-    memory = train(scene, scene_features(scene, root, ["m3-tinyvlm"], progress=False), load_train_config(None, {}),
+    memory = train(scene, scene_features(scene, root, ["m3-tinyvlm"]), load_train_config(None, {}),
                    tmp_path / "memory.pt")
-    encoder = text_encoder(memory, "m3-tinyvlm")
+    engine = QueryEngine(memory, "m3-tinyvlm")
     errors = {}
     for obj in json.loads((root / "objects.json").read_text())["objects"]:
-        answer = locate_in_memory(memory, encoder.encode_text([obj["phrases"][0]])[0], model="m3-tinyvlm")
-        errors[obj["name"]] = float(np.linalg.norm(answer.result.point - np.asarray(obj["center"])))
+        answer = engine.answer(obj["phrases"][0])
+        errors[obj["name"]] = float(np.linalg.norm(answer.point - np.asarray(obj["center"])))
     assert len(errors) == 8 and max(errors.values()) < 0.05, errors

@@ -52,13 +52,16 @@ def test_train_then_locate_then_cancel(scene_dir, tmp_path, ros_node):
     scene = Scene.load(scene_dir)
     view = matrix_to_pose(scene.c2w[0])
     checkpoint = tmp_path / "memory.pt"
-    with node_process("m3_memory_server"), node_process("m3_trainer") as trainer:
+    roots = ["--ros-args", "-p", f"scene_roots:=[{scene_dir.parent}]", "-p", f"output_root:={tmp_path}"]
+    # 40 iterations teach the memory little: the meaning floor (test_engine's business) is off here
+    with node_process("m3_memory_server", "--ros-args", "-p", f"memory_root:={tmp_path}", "-p", "min_relevancy:=0.0"), \
+            node_process("m3_trainer", *roots) as trainer:
         before = ask("yellow bath duck", view=view)
         assert not before.success and "no memory loaded" in before.message
 
         client = ActionClient(ros_node, Train, "m3/train")
         assert client.wait_for_server(timeout_sec=30)
-        goal = Train.Goal(scene_dir=str(scene_dir), output=str(checkpoint),
+        goal = Train.Goal(scene_dir=str(scene_dir), output=checkpoint.name,
                           config_overrides="{iterations: 40, log_every: 10}")
         result, feedback = run_goal(ros_node, client, goal)
         assert result.result.success, result.result.message
@@ -85,7 +88,7 @@ def test_train_then_locate_then_cancel(scene_dir, tmp_path, ros_node):
         assert no_pose.success and "the whole memory" in no_pose.message and "no camera pose" in no_pose.message
 
         # Cancel a long run: the previous memory stays in service.
-        long_goal = Train.Goal(scene_dir=str(scene_dir), output=str(tmp_path / "never.pt"),
+        long_goal = Train.Goal(scene_dir=str(scene_dir), output="never.pt",
                                config_overrides="{iterations: 100000, log_every: 5}")
         cancelled, _ = run_goal(ros_node, client, long_goal, cancel_after_feedback=True)
         assert not cancelled.result.success and "cancelled" in cancelled.result.message
@@ -95,12 +98,12 @@ def test_train_then_locate_then_cancel(scene_dir, tmp_path, ros_node):
 
 
 def test_two_hundred_queries_keep_memory_flat(scene_dir, tmp_path, ros_node):
-    from m3_memory.core.cli import load_train_config, scene_features
+    from m3_memory.core.pipeline import load_train_config, scene_features
     from m3_memory.core.trainer import train
 
     scene = Scene.load(scene_dir)
     config = load_train_config(None, {"iterations": 20})
-    train(scene, scene_features(scene, scene_dir, ["m3-tinyvlm"], progress=False), config, tmp_path / "m.pt")
+    train(scene, scene_features(scene, scene_dir, ["m3-tinyvlm"]), config, tmp_path / "m.pt")
     view = matrix_to_pose(scene.c2w[1])
     client = ros_node.create_client(Locate, "/m3/locate")  # one client: discovery once, not per call
 
@@ -110,7 +113,7 @@ def test_two_hundred_queries_keep_memory_flat(scene_dir, tmp_path, ros_node):
         return future.result()
 
     with node_process("m3_memory_server", "--ros-args", "-p", f"checkpoint:={tmp_path / 'm.pt'}",
-                      "-p", "search_without_camera:=false") as server:
+                      "-p", "search_without_camera:=false", "-p", "min_relevancy:=0.0") as server:
         assert client.wait_for_service(timeout_sec=60)
         assert wait_for(lambda: call("red cube").success, 60)
         no_pose = ask("red cube")

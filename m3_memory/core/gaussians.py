@@ -100,6 +100,31 @@ class GaussianModel(nn.Module):
     def __len__(self) -> int:
         return self.params["means"].shape[0]
 
+    # The fields in their natural units (detached): what readers of a memory use instead of raw parameters.
+    @property
+    def means(self) -> Tensor:
+        """`[N, 3]` world positions."""
+        return self.params["means"].detach()
+
+    @property
+    def opacity(self) -> Tensor:
+        """`[N]` in [0, 1]."""
+        return torch.sigmoid(self.params["opacities"].detach())
+
+    @property
+    def scales(self) -> Tensor:
+        """`[N, 3]` standard deviations along the Gaussian's axes (metres)."""
+        return torch.exp(self.params["scales"].detach())
+
+    @property
+    def rotations(self) -> Tensor:
+        """`[N, 4]` unit quaternions (w, x, y, z)."""
+        return torch.nn.functional.normalize(self.params["quats"].detach(), dim=1)
+
+    def queries(self, model: str) -> Tensor:
+        """`[N, l]` principal queries of `model`'s slice."""
+        return self.params["queries"].detach()[:, self.query_slice(model)]
+
     def query_slice(self, model: str) -> slice:
         start = 0
         for name, dim in self.query_dims.items():

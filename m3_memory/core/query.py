@@ -1,7 +1,7 @@
 """Text queries against a memory: per-pixel scores, the confident region, its 3D point and a grasp pose."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import unicodedata
 
 import numpy as np
 import torch
@@ -24,24 +24,17 @@ def validate_query(text: str, max_chars: int = DEFAULT_MAX_QUERY_CHARS) -> str:
         raise QueryError("query is empty: name the object, e.g. 'yellow bath duck'")
     if len(stripped) > max_chars:
         raise QueryError(f"query is {len(stripped)} characters long; the limit is {max_chars}: use a short phrase")
-    if any(ord(c) < 32 and c not in "\t" for c in stripped):
+    if any(unicodedata.category(c) == "Cc" and c != "\t" for c in stripped):
         raise QueryError("query contains control characters (new lines or NUL): send one line of text")
+    if any(unicodedata.category(c) == "Cf" for c in stripped):
+        raise QueryError("query contains invisible formatting characters (zero-width or bidi controls): send plain text")
+    if not any(unicodedata.category(c)[0] in "LN" for c in stripped):
+        raise QueryError(f"query {stripped!r} has no letters or digits: name the object, e.g. 'yellow bath duck'")
     return stripped
 
 
 # LERF's canonical negatives: a phrase must beat each of them to count as relevant.
 CANONICAL_NEGATIVES = ("object", "things", "stuff", "texture")
-
-
-@dataclass
-class LocateResult:
-    """Where a query lands. `point: [3]` and `grasp: [4, 4]` (approach along the grasp's z axis) in the world frame."""
-    point: np.ndarray
-    grasp: np.ndarray
-    score: float
-    heatmap: np.ndarray          # [H, W] per-pixel score in [0, 1] of the chosen view
-    mask: np.ndarray             # [H, W] bool, the chosen region
-    view: int                    # index of the view it was found from
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -78,28 +71,45 @@ def score_pixels(features: Tensor, text: Tensor, negatives: Tensor | None, metho
     return (F.normalize(features, dim=-1) @ F.normalize(text, dim=-1) + 1) / 2
 
 
-def select_region(score: np.ndarray, valid: np.ndarray, method: str, max_fraction: float = 0.25) -> np.ndarray:
-    """The confident region of `score: [H, W]` within `valid`: the connected component with the largest total score
-    among pixels over the threshold (relevancy > 0.5, or Otsu's). A small object is a tiny mode beside a spread-out
-    background, where one Otsu split cuts the background instead; so while the foreground covers more than
-    `max_fraction` of the valid pixels, Otsu is applied again within it."""
+def small_mode_threshold(values: np.ndarray, max_fraction: float = 0.25) -> float:
+    """Otsu's threshold of `values: [P]`, applied again within the foreground while it holds more than `max_fraction`
+    of the values: a small object is a tiny mode beside a spread-out background, where one split cuts the background."""
+    threshold = otsu_threshold(values)
+    for _ in range(8):
+        above = values[values > threshold]
+        if above.size <= max_fraction * values.size or above.size < 2 or np.ptp(above) == 0:
+            break
+        threshold = otsu_threshold(above)
+    return threshold
+
+
+def select_regions(score: np.ndarray, valid: np.ndarray, method: str, peak_pixels: int = 5) -> list[np.ndarray]:
+    """The confident regions of `score: [H, W]` within `valid`, best first: the connected components over the
+    threshold (relevancy > 0.5, or `small_mode_threshold`) ranked by peak (the mean of their `peak_pixels` best
+    pixels; specks smaller than that last). Ranking by peak rather than by summed score keeps a large near blob of a
+    similar colour from winning over the small object that matches best."""
     values = score[valid]
     if values.size == 0:
-        return np.zeros_like(valid)
-    if method == "otsu":
-        threshold = otsu_threshold(values)
-        for _ in range(8):
-            above = values[values > threshold]
-            if above.size <= max_fraction * values.size or above.size < 2 or np.ptp(above) == 0:
-                break
-            threshold = otsu_threshold(above)
-    else:
-        threshold = 0.5
+        return []
+    threshold = small_mode_threshold(values) if method == "otsu" else 0.5
     labels, count = ndimage.label((score > threshold) & valid)
     if count == 0:
-        return np.zeros_like(valid)
-    totals = ndimage.sum(score, labels, index=np.arange(1, count + 1))
-    return labels == (1 + int(np.argmax(totals)))
+        return []
+    flat_labels, flat_scores = labels.ravel(), score.ravel()
+    inside = flat_labels > 0
+    order = np.lexsort((-flat_scores[inside], flat_labels[inside]))        # by component, best pixel first
+    sorted_labels, sorted_scores = flat_labels[inside][order], flat_scores[inside][order]
+    starts = np.searchsorted(sorted_labels, np.arange(1, count + 1))
+    sizes = np.bincount(sorted_labels, minlength=count + 1)[1:]
+    peaks = np.array([sorted_scores[s:s + min(peak_pixels, n)].mean() for s, n in zip(starts, sizes)])
+    peaks[sizes < peak_pixels] -= 2.0   # scores are in [0, 1]
+    return [labels == 1 + int(k) for k in np.argsort(-peaks, kind="stable")]
+
+
+def select_region(score: np.ndarray, valid: np.ndarray, method: str) -> np.ndarray:
+    """The best of `select_regions` (an empty mask when there is none)."""
+    regions = select_regions(score, valid, method)
+    return regions[0] if regions else np.zeros_like(valid)
 
 
 def backproject(mask: np.ndarray, depth: np.ndarray, K: np.ndarray, c2w: np.ndarray) -> np.ndarray:

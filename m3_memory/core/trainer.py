@@ -8,8 +8,9 @@ densification is gsplat's `DefaultStrategy`.
 from __future__ import annotations
 
 import time
+import typing
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +20,17 @@ from m3_memory.core.checkpoint import Memory, load_memory, save_memory
 from m3_memory.core.errors import M3Error
 from m3_memory.core.gaussians import GaussianConfig, GaussianModel
 from m3_memory.core.losses import feature_loss, psnr, rgb_loss
-from m3_memory.core.memory import DEFAULT_PSC_CONFIGS, MemoryAttention, PSCConfig, principal_scene_components
+from m3_memory.core.memory import MemoryAttention, PSCConfig, principal_scene_components
 from m3_memory.core.scene import Scene, init_points_from_depth
+from m3_memory.core.views import TrainingViews
 
 
 class TrainingCancelled(M3Error):
     """Raised inside `train` when its `should_cancel` callback says so; nothing is written."""
+
+
+class ConfigError(M3Error, ValueError):
+    """A training setting of unknown name, wrong type or out of range; the message names it."""
 
 
 @dataclass
@@ -43,17 +49,17 @@ class LearningRates:
 @dataclass
 class DensifyConfig:
     """gsplat DefaultStrategy settings (3DGS defaults for 30k iterations; scale them with the schedule)."""
-    refine_start_iter: int = 500
-    refine_stop_iter: int = 15_000
+    refine_start_iter: int = 300
+    refine_stop_iter: int = 1200
     refine_every: int = 100
-    reset_every: int = 3000
-    grow_grad2d: float = 2e-4
+    reset_every: int = 1500
+    grow_grad2d: float = 4e-4      # 3DGS's 2e-4 grew the demo to 341k Gaussians (60k here), ~3x slower on CPU
     prune_opa: float = 0.005
 
 
 @dataclass
 class TrainConfig:
-    iterations: int = 7000
+    iterations: int = 2000                  # CPU-sized (about 12 min for the demo on 2 cores); the paper trains 30k
     seed: int = 0
     device: str = "auto"                    # auto = cuda when available
     query_dim: int = 16                     # principal-query dims per model
@@ -62,29 +68,73 @@ class TrainConfig:
     ssim_weight: float = 0.2
     feature_weight: float = 0.5
     feature_samples: int = 2000             # pixels per view per model in the feature loss
-    psc_pixel_stride: int = 4               # every k-th pixel (both axes) of every view feeds Algorithm 1
+    psc_pixel_stride: int = 2               # every k-th feature-map cell (both axes) of every view feeds Algorithm 1
     init_stride: int = 4                    # back-projected depth pixels for the initial Gaussians
-    init_max_points: int = 50_000
+    init_max_points: int = 30_000
     holdout_every: int = 0                  # > 0: views 0, k, 2k, ... are held out for evaluation (LLFF convention)
     log_every: int = 50
     gaussians: GaussianConfig = field(default_factory=GaussianConfig)
     lr: LearningRates = field(default_factory=LearningRates)
     densify: DensifyConfig = field(default_factory=DensifyConfig)
-    psc: dict[str, PSCConfig] = field(default_factory=dict)   # per model; DEFAULT_PSC_CONFIGS otherwise
+    psc: dict[str, PSCConfig] = field(default_factory=dict)   # per model, overriding its psc_threshold in features.yaml
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        data = dict(data)
-        nested = {"gaussians": GaussianConfig, "lr": LearningRates, "densify": DensifyConfig}
-        for key, kind in nested.items():
-            if key in data:
-                data[key] = kind(**data[key])
-        if "psc" in data:
-            data["psc"] = {name: PSCConfig(**value) for name, value in data["psc"].items()}
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown training settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**data)
+        """Settings from a (YAML) mapping, every key and value checked against the dataclasses' fields and `validate`d:
+        ConfigError naming the setting otherwise."""
+        config = settings_from_dict(cls, data, "")
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """ConfigError for a value no training can run with (an iteration count below 1, ...) or a device this machine
+        does not have."""
+        for name, minimum in MINIMUMS.items():
+            if getattr(self, name) < minimum:
+                raise ConfigError(f"{name} must be at least {minimum}, got {getattr(self, name)}")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be positive, got {self.temperature}")
+        resolve_device(self.device)
+
+
+# Smallest value of each count setting that a training can run with.
+MINIMUMS = {"iterations": 1, "query_dim": 1, "feature_samples": 1, "psc_pixel_stride": 1, "init_stride": 1,
+            "init_max_points": 2, "holdout_every": 0, "log_every": 1}
+
+
+def settings_from_dict(cls, data, where: str):
+    """`cls(**data)` for a settings dataclass, after checking each key and value against its field types (bool, int,
+    float, str, nested dataclasses, dict[str, dataclass]); `where`: the dotted name of `data` in error messages."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'the training settings'} must be a mapping of settings, got {data!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown training settings {[prefix + str(k) for k in unknown]}; known"
+                          f"{f' in {where}' if where else ''}: {sorted(known)}")
+    missing = [name for name, f in known.items()
+               if name not in data and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise ConfigError(f"{where or 'the training settings'} lack required settings {missing}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{key: _setting(hints[key], value, f"{where}.{key}" if where else key) for key, value in data.items()})
+
+
+def _setting(kind, value, name: str):
+    """`value` as a setting of type `kind`, or ConfigError naming `name`."""
+    if is_dataclass(kind):
+        return settings_from_dict(kind, value, name)
+    if typing.get_origin(kind) is dict:
+        _, item_kind = typing.get_args(kind)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping, got {value!r}")
+        return {str(key): _setting(item_kind, item, f"{name}.{key}") for key, item in value.items()}
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)   # YAML reads 1 and 1e-3 alike as numbers
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{name} must be {kind.__name__}, got {value!r}")
+    return value
 
 
 @dataclass
@@ -111,9 +161,21 @@ class Progress:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device of the `device` setting (auto = cuda when available), or ConfigError when this machine has
+    none such."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device must be auto, cpu or cuda[:N], got {name!r}") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda[:N], got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} needs CUDA, which this machine's torch does not have: use auto or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def training_views(n_views: int, holdout_every: int) -> np.ndarray:
@@ -132,13 +194,24 @@ def scene_scale(c2w: np.ndarray) -> float:
     return float(1.1 * np.linalg.norm(centers - centers.mean(axis=0), axis=1).max())
 
 
+def model_psc_threshold(name: str, features: ViewFeatures) -> float:
+    """Algorithm 1's θ for the feature model behind `features`: its entry's `psc_threshold` in config/features.yaml."""
+    from m3_memory.core.features.registry import load_configs
+
+    entry = load_configs()[1].get(features.identity.get("name", name))
+    if entry is None or entry.psc_threshold is None:
+        raise ConfigError(f"no PSC threshold for model {name!r}: give its entry in config/features.yaml a "
+                          f"psc_threshold, or set psc.{name}.threshold")
+    return entry.psc_threshold
+
+
 def build_attention(name: str, features: ViewFeatures, config: TrainConfig, device, views=None) -> MemoryAttention:
     """Algorithm 1 over this model's (strided) pixel features of all views (or of `views`) → its memory attention."""
     stride = config.psc_pixel_stride
     maps = features.maps if views is None else [features.maps[i] for i in views]
     rows = np.concatenate([np.asarray(m[::stride, ::stride]).reshape(-1, m.shape[-1]) for m in maps])
     rows = rows[np.abs(rows).sum(axis=1) > 0]
-    psc_config = config.psc.get(name) or DEFAULT_PSC_CONFIGS.get(name) or PSCConfig(threshold=0.85, chunk=2000)
+    psc_config = config.psc.get(name) or PSCConfig(threshold=model_psc_threshold(name, features))
     result = principal_scene_components(torch.from_numpy(rows.astype(np.float32)), psc_config, device=device)
     attention = MemoryAttention(config.query_dim, result.components, temperature=config.temperature,
                                 learnable_wm=config.learnable_wm, seed=config.seed).to(device)
@@ -181,6 +254,7 @@ def train(scene: Scene, features: dict[str, ViewFeatures], config: TrainConfig, 
     for name, feats in features.items():
         if len(feats.maps) != len(scene):
             raise M3Error(f"model {name!r} has features for {len(feats.maps)} views, the scene has {len(scene)}")
+    config.validate()   # also for configs built in code, not through from_dict
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     device = resolve_device(config.device)
@@ -196,6 +270,8 @@ def train(scene: Scene, features: dict[str, ViewFeatures], config: TrainConfig, 
         if state is None:
             raise M3Error(f"{resume} holds no training state to resume from (it was saved for serving only)")
         model, attentions, start = memory.gaussians, memory.attentions, memory.iteration
+        if start >= config.iterations:
+            raise M3Error(f"{resume} is already trained for {start} iterations; ask for more than {start} to resume")
     else:
         xyz, rgb = init_points_from_depth(scene, stride=config.init_stride, max_points=config.init_max_points,
                                           seed=config.seed, views=train_views)
@@ -257,7 +333,7 @@ def train(scene: Scene, features: dict[str, ViewFeatures], config: TrainConfig, 
             rate = elapsed / (done - start)
             callback(Progress(done, config.iterations, last["loss"], last["rgb"], last["feat"], len(model),
                               elapsed, rate * (config.iterations - done)))
-    views = {"c2w": scene.c2w[train_views], "K": scene.Ks[train_views], "width": width, "height": height}
+    views = TrainingViews(scene.c2w[train_views], scene.Ks[train_views], width, height)
     memory = Memory(model, attentions, {name: f.identity for name, f in features.items()}, scene.world_frame,
                     {**asdict(config), **(record or {})}, config.iterations, views)
     memory.config["final"] = {**last, "train_s": time.monotonic() - begin,

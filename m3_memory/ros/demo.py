@@ -35,7 +35,7 @@ class DemoConfig:
 
     @classmethod
     def load(cls, path: Path, overrides: dict) -> "DemoConfig":
-        from m3_memory.core.cli import merge
+        from m3_memory.core.pipeline import merge
 
         data = merge(yaml.safe_load(path.read_text()) or {}, overrides)
         unknown = set(data) - {f.name for f in fields(cls)}
@@ -157,11 +157,31 @@ class Operator:
     def ask(self, query: str, timeout: float):
         from m3_msgs.srv import Locate
 
-        return self.wait(self.locate.call_async(Locate.Request(query=query)), timeout, f"locate {query!r}")
+        return self.wait(self.locate.call_async(Locate.Request(query=query, return_heatmap=True)), timeout,
+                         f"locate {query!r}")
 
     def close(self) -> None:
         self.node.destroy_node()
         self.rclpy.try_shutdown()
+
+
+def answer_picture(checkpoint: str, answer, directory: Path, query: str) -> str | None:
+    """The served memory rendered from the view the answer's heatmap came from, the heatmap over it, as
+    DIR/<query>.png; None when the answer has no heatmap."""
+    from m3_memory.core.checkpoint import load_memory
+    from m3_memory.core.pictures import overlay, save_png
+    from m3_memory.core.views import Camera, render_memory
+    from m3_memory.ros.conversions import camera_info_K, pose_to_matrix
+
+    image = answer.heatmap
+    if image.width == 0:
+        return None
+    memory, _ = load_memory(checkpoint)
+    camera = Camera(pose_to_matrix(answer.heatmap_view.pose), camera_info_K(answer.heatmap_camera), image.width,
+                    image.height)
+    heatmap = np.frombuffer(bytes(image.data), dtype=np.float32).reshape(image.height, image.width)
+    stem = "".join(c if c.isalnum() else "_" for c in query).strip("_") or "answer"
+    return str(save_png(directory / f"{stem}.png", overlay(render_memory(memory, camera).rgb, heatmap)))
 
 
 def ground_truth(scene_dir: Path) -> list[dict]:
@@ -222,14 +242,15 @@ def run_demo(config: DemoConfig, workdir: Path, log: Log) -> dict:
             if not answer.success:
                 log(f"  {obj['query']!r}: {answer.message}")
                 rows.append({"query": obj["query"], "target": None, "truth": obj["truth"].round(4).tolist(),
-                             "error_m": None, "success": False})
+                             "error_m": None, "success": False, "picture": None})
                 continue
             p = answer.target.point
             target = np.array([p.x, p.y, p.z])
             error = float(np.linalg.norm(target - obj["truth"]))
             rows.append({"query": obj["query"], "target": target.round(4).tolist(),
                          "truth": obj["truth"].round(4).tolist(), "error_m": round(error, 4),
-                         "success": error <= config.success_m})
+                         "success": error <= config.success_m,
+                         "picture": answer_picture(result.checkpoint, answer, workdir / "pictures", obj["query"])})
             log(f"  {obj['query']!r}: target {np.round(target, 3).tolist()} ({answer.target.header.frame_id}), error "
                 f"{100 * error:.1f} cm, {latencies[-1]:.0f} ms")
     finally:
@@ -253,7 +274,7 @@ def table(report: dict, success_m: float) -> str:
 
 
 def run(args) -> int:
-    from m3_memory.core.cli import parse_overrides
+    from m3_memory.core.pipeline import parse_overrides
 
     log = Log(to_stderr=args.json)
     try:

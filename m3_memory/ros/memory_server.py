@@ -1,63 +1,98 @@
 """Memory server node: answers `/m3/locate` from a trained M3 memory.
 
-Loads the checkpoint named by the `checkpoint` parameter, and again whenever the trainer announces a new one on
-`m3/checkpoint`. A request's text is encoded with the memory's own model, searched from the requested view (or the
-camera's latest pose from TF; without a live pose, in the whole memory by the direct 3D query, with up to
-`max_search_views` of its training views rendered for the grasp, unless `search_without_camera` is false), lifted to 3D and returned in the requested frame; the answer is also published for the
-arm (`m3/grasp_target`, PoseStamped), for people (`m3/heatmap`, Image; `m3/markers`, MarkerArray). Until a memory
-exists every request gets `success: false` and a message; bad requests likewise, never a crash.
+Loads the checkpoint named by the `checkpoint` parameter (the operator's choice), and again whenever the trainer
+announces a new one on `m3/checkpoint`: announced paths must resolve under `memory_root` (the trainer's `output_root`),
+anything else is refused. A new memory replaces the old one only once it has loaded and passed the format's checks. Each request is one call of the core query
+engine (`QueryEngine.answer`): this node only finds the view (the request's pose, else the camera's latest pose from
+TF, else none: the whole memory is searched, unless `search_without_camera` is false) and converts messages.
+
+Answers are in the request's `frame_id`, else the `world_frame` parameter, else the memory's own frame. The answer is
+also published for the arm (`m3/grasp_target`, PoseStamped), for people (`m3/heatmap`, Image; `m3/markers`,
+MarkerArray) and as the matching Gaussians (`m3/matches`, PointCloud2); the memory itself is published latched as
+`m3/memory_cloud` (every `cloud_decimation`-th Gaussian), and with `viewer_port` > 0 the browser viewer
+(`m3 view`) follows the memory served. Until a memory exists every request gets `success: false`
+and a message; bad requests likewise, never a crash.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
+import traceback
 
 import numpy as np
-from geometry_msgs.msg import Point, PoseStamped
-from m3_msgs.msg import MemoryStatus
+from geometry_msgs.msg import Point, PoseStamped, Vector3
+from m3_msgs.msg import Instance, MemoryStatus
 from m3_msgs.srv import Locate
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
-from sensor_msgs.msg import CameraInfo, Image
-from std_msgs.msg import String
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from std_msgs.msg import Header, String
 from tf2_msgs.msg import TFMessage
 from visualization_msgs.msg import Marker, MarkerArray
 
 from m3_memory.core.checkpoint import load_memory
+from m3_memory.core.engine import Answer, QueryEngine, QueryOptions
 from m3_memory.core.errors import M3Error
-from m3_memory.core.locate import locate, locate_in_memory, text_encoder
-from m3_memory.core.query import DEFAULT_MAX_QUERY_CHARS, validate_query
+from m3_memory.core.export import point_cloud as memory_points
+from m3_memory.core.paths import confine
 from m3_memory.core.transforms import TransformBuffer
+from m3_memory.core.views import Camera
+from m3_memory.ros.clouds import point_cloud
 from m3_memory.ros.conversions import add_transforms, camera_info_K, matrix_to_pose, pose_to_matrix
 from m3_memory.ros.qos import LATCHED, TF_QOS, TF_STATIC_QOS
 from m3_memory.ros.spin import spin_node
 
 NO_MEMORY = "no memory loaded yet: record a scan and train one with the /m3/train action"
+HEATMAP_VIEW_FRAME = "m3_heatmap_view"
 
 
 class LoadedMemory:
-    """A memory with the text encoder of the model it is queried through."""
+    """A memory with its query engine (decoded Gaussians, text encoder loaded)."""
 
     def __init__(self, path: str, model: str):
         self.path = path
         self.memory, _ = load_memory(path)
-        self.model = model or self.memory.models[0]
-        self.encoder = text_encoder(self.memory, self.model)
+        self.engine = QueryEngine(self.memory, model or None)
+
+
+def view_matrix(pose) -> np.ndarray:
+    """`[4, 4]` of a request's view pose; M3Error when it is not a finite rigid pose."""
+    q, p = pose.orientation, pose.position
+    values = np.array([q.x, q.y, q.z, q.w, p.x, p.y, p.z], dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise M3Error("the view pose is not finite (NaN or infinite position or orientation)")
+    largest = np.abs(values[:4]).max()
+    if largest == 0:
+        raise M3Error("the view's quaternion is zero")
+    quat = values[:4] / largest        # scaled first: a huge but finite quaternion must not overflow its norm
+    x, y, z, w = quat / np.linalg.norm(quat)
+    return pose_to_matrix(type(pose)(position=pose.position, orientation=type(q)(x=x, y=y, z=z, w=w)))
 
 
 class MemoryServer(Node):
     def __init__(self):
         super().__init__("memory_server")
         p = self.declare_parameter
-        self.max_query_chars = p("max_query_chars", DEFAULT_MAX_QUERY_CHARS).value
+        defaults = QueryOptions()
+        self.options = QueryOptions(
+            method=p("method", defaults.method).value, render=p("render", defaults.render).value,
+            grasp_mode=p("grasp_mode", defaults.grasp_mode).value,
+            max_instances=p("max_instances", defaults.max_instances).value,
+            max_search_views=p("max_search_views", defaults.max_search_views).value,
+            min_alpha=p("min_alpha", defaults.min_alpha).value,
+            heatmap_scale=p("heatmap_scale", defaults.heatmap_scale).value,
+            min_relevancy=p("min_relevancy", defaults.min_relevancy).value,
+            max_query_chars=p("max_query_chars", defaults.max_query_chars).value)
         self.model = p("model", "").value
         self.camera_frame = p("camera_frame", "camera_color_optical_frame").value
         self.max_pose_age_s = p("max_pose_age_seconds", 2.0).value
-        self.method = p("method", "otsu").value
-        self.grasp_mode = p("grasp_mode", "normal").value
-        self.world_frame = p("world_frame", "world").value
+        self.world_frame = p("world_frame", "").value   # frame of answers; empty = the memory's own
         self.search_without_camera = p("search_without_camera", True).value
-        self.max_search_views = p("max_search_views", 4).value
+        self.cloud_decimation = max(1, p("cloud_decimation", 10).value)
+        self.memory_root = p("memory_root", "memories").value
+        self.viewer_host, self.viewer_port = p("viewer_host", "127.0.0.1").value, p("viewer_port", 0).value
+        self.viewer = None
         self._lock = threading.Lock()
         self.loaded: LoadedMemory | None = None
         self.camera_info: CameraInfo | None = None
@@ -66,13 +101,15 @@ class MemoryServer(Node):
         self.grasp_pub = self.create_publisher(PoseStamped, "m3/grasp_target", 10)
         self.heatmap_pub = self.create_publisher(Image, "m3/heatmap", 1)
         self.marker_pub = self.create_publisher(MarkerArray, "m3/markers", 10)
+        self.matches_pub = self.create_publisher(PointCloud2, "m3/matches", 1)
+        self.cloud_pub = self.create_publisher(PointCloud2, "m3/memory_cloud", LATCHED)
         inputs = MutuallyExclusiveCallbackGroup()
         self.create_subscription(TFMessage, "/tf", lambda m: self.on_tf(m, False), TF_QOS, callback_group=inputs)
         self.create_subscription(TFMessage, "/tf_static", lambda m: self.on_tf(m, True), TF_STATIC_QOS,
                                  callback_group=inputs)
         self.create_subscription(CameraInfo, p("camera_info_topic", "/camera/color/camera_info").value,
                                  self.on_camera_info, 1, callback_group=inputs)
-        self.create_subscription(String, "m3/checkpoint", lambda m: self.load(m.data), LATCHED,
+        self.create_subscription(String, "m3/checkpoint", self.on_checkpoint, LATCHED,
                                  callback_group=MutuallyExclusiveCallbackGroup())
         # Reentrant: concurrent locate calls are served in parallel by the multi-threaded executor.
         self.create_service(Locate, "m3/locate", self.on_locate, callback_group=ReentrantCallbackGroup())
@@ -88,114 +125,173 @@ class MemoryServer(Node):
         add_transforms(self.tf, msg, static, self.get_logger())
 
     def on_camera_info(self, msg: CameraInfo) -> None:
+        K = camera_info_K(msg)
+        if msg.width == 0 or msg.height == 0 or not np.all(np.isfinite(K)) or K[0, 0] <= 0 or K[1, 1] <= 0:
+            self.get_logger().warning(f"ignoring CameraInfo {msg.width}x{msg.height} with K {K.ravel().tolist()}: "
+                                      "the size and focal lengths must be positive", throttle_duration_sec=5.0)
+            return
         self.camera_info = msg
+
+    def on_checkpoint(self, msg: String) -> None:
+        try:
+            path = str(confine(msg.data, [self.memory_root], "announced memory"))
+        except M3Error as exc:
+            self.get_logger().error(f"not loading {msg.data!r}: {exc}")
+            self.publish_status(f"refused {msg.data!r}: {exc}")
+            return
+        self.load(path)
 
     def load(self, path: str) -> None:
         try:
             loaded = LoadedMemory(path, self.model)
-        except (M3Error, OSError) as exc:
+        except (M3Error, OSError, ValueError) as exc:
             self.get_logger().error(f"cannot load memory {path}: {exc}")
             self.publish_status(f"cannot load {path}: {exc}")
             return
         with self._lock:
             self.loaded = loaded
-        self.world_frame = loaded.memory.world_frame
-        self.get_logger().info(f"memory {path} loaded: {len(loaded.memory.gaussians)} Gaussians, models "
-                               f"{loaded.memory.models}, querying {loaded.model!r}")
+        memory = loaded.memory
+        self.get_logger().info(f"memory {path} loaded: {len(memory.gaussians)} Gaussians, models {memory.models}, "
+                               f"querying {loaded.engine.model!r}")
         self.publish_status(f"loaded {path}")
+        cloud = memory_points(memory, self.cloud_decimation)
+        header = Header(stamp=self.get_clock().now().to_msg(), frame_id=memory.world_frame)
+        self.cloud_pub.publish(point_cloud(header, cloud.xyz, cloud.rgb))
+        if self.viewer_port > 0:
+            self.show(memory)
+
+    def show(self, memory) -> None:
+        """Start the browser viewer on the first memory, hand it each later one."""
+        from m3_memory.viewer import Viewer
+
+        try:
+            if self.viewer is None:
+                self.viewer = Viewer(memory, self.viewer_host, self.viewer_port, self.model or None)
+                self.get_logger().info(f"viewer at {self.viewer.url}")
+            else:
+                self.viewer.set_memory(memory)
+        except (M3Error, OSError) as exc:
+            self.get_logger().error(f"viewer: {exc}")
 
     def publish_status(self, message: str) -> None:
         with self._lock:
             loaded = self.loaded
-        status = MemoryStatus(stamp=self.get_clock().now().to_msg(), loaded=loaded is not None,
-                              world_frame=self.world_frame, message=message)
+        status = MemoryStatus(stamp=self.get_clock().now().to_msg(), loaded=loaded is not None, message=message)
         if loaded is not None:
             banks = loaded.memory.bank_sizes()
+            status.world_frame = self.world_frame or loaded.memory.world_frame
             status.checkpoint, status.models = loaded.path, list(banks)
             status.bank_sizes, status.num_gaussians = list(banks.values()), len(loaded.memory.gaussians)
         self.status_pub.publish(status)
 
     # --- locate -------------------------------------------------------------------------------------------------
-    def views(self, request: Locate.Request, memory) -> tuple[np.ndarray | None, np.ndarray, int, int, str]:
-        """Where to look from: `c2w [4, 4]`, `K [3, 3]`, width, height and a description. The request's pose, else the
-        latest TF camera pose (intrinsics from CameraInfo, else the memory's training camera); `c2w` None (no pose, or
-        a stale one) means the whole memory is searched (`locate_in_memory`), unless `search_without_camera` is off."""
-        views = memory.views
-        K, width, height = views["K"][0], views["width"], views["height"]
+    def view(self, request: Locate.Request, memory, engine: QueryEngine) -> tuple[Camera | None, str]:
+        """Where to look from and a description: the request's pose, else the camera's latest pose from TF (intrinsics
+        from CameraInfo, else the memory's training camera); None means the whole memory is searched."""
+        K, width, height = engine.views.K[0], engine.views.width, engine.views.height
         if self.camera_info is not None:
             K, width, height = camera_info_K(self.camera_info), self.camera_info.width, self.camera_info.height
         q = request.view.orientation
-        given = not (request.view == type(request.view)() or (q.x, q.y, q.z, q.w) == (0.0, 0.0, 0.0, 0.0))
-        if given:
-            return pose_to_matrix(request.view), K, width, height, "the requested view"
+        if not (request.view == type(request.view)() or (q.x, q.y, q.z, q.w) == (0.0, 0.0, 0.0, 0.0)):
+            return Camera(view_matrix(request.view), K, width, height), "the requested view"
         try:
-            return self.camera_pose(), K, width, height, "the camera's current view"
+            return Camera(self.camera_pose(memory.world_frame), K, width, height), "the camera's current view"
         except M3Error as exc:
             if not self.search_without_camera:
                 raise
-            return None, K, width, height, f"the whole memory and {self.max_search_views} of its training views ({exc})"
+            return None, f"the whole memory ({exc})"
 
-    def camera_pose(self) -> np.ndarray:
+    def camera_pose(self, world: str) -> np.ndarray:
         """Latest camera-to-world pose `[4, 4]` from TF; M3Error when absent or older than `max_pose_age_seconds`."""
-        stamp = self.tf.latest_common_stamp(self.world_frame, self.camera_frame)
+        stamp = self.tf.latest_common_stamp(world, self.camera_frame)
         if stamp is None:
-            raise M3Error(f"no camera pose: no TF chain {self.world_frame} → {self.camera_frame} has arrived; publish "
+            raise M3Error(f"no camera pose: no TF chain {world} → {self.camera_frame} has arrived; publish "
                           "the robot's TF or give `view` in the request")
         age = self.get_clock().now().nanoseconds - stamp
         if stamp and age > self.max_pose_age_s * 1e9:
             raise M3Error(f"the latest camera pose is {age / 1e9:.1f} s old (limit {self.max_pose_age_s} s): is the "
                           "robot's TF still being published?")
-        return self.tf.lookup(self.world_frame, self.camera_frame, stamp)
+        return self.tf.lookup(world, self.camera_frame, stamp)
+
+    def frame_transform(self, frame: str, world: str) -> np.ndarray:
+        """`[4, 4]` taking world points into `frame` (latest TF)."""
+        if frame == world:
+            return np.eye(4)
+        stamp = self.tf.latest_common_stamp(frame, world)
+        if stamp is None:
+            raise M3Error(f"unknown frame {frame!r}: no TF chain connects it to {world!r}")
+        return self.tf.lookup(frame, world, stamp)
 
     def on_locate(self, request: Locate.Request, response: Locate.Response) -> Locate.Response:
         started = time.monotonic()
         with self._lock:
             loaded = self.loaded
         try:
-            query = validate_query(request.query, self.max_query_chars)
             if loaded is None:
                 raise M3Error(NO_MEMORY)
-            frame = request.frame_id or loaded.memory.world_frame
-            c2w, K, width, height, source = self.views(request, loaded.memory)
-            text = loaded.encoder.encode_text([query])[0]
-            options = {"model": loaded.model, "method": self.method, "grasp_mode": self.grasp_mode}
-            if c2w is None:
-                result = locate_in_memory(loaded.memory, text, max_views=self.max_search_views, **options).result
-            else:
-                result = locate(loaded.memory, text, c2w[None], K[None], width, height, **options)
-            frame_T_world = np.eye(4)
-            if frame != loaded.memory.world_frame:
-                stamp = self.tf.latest_common_stamp(frame, loaded.memory.world_frame)
-                if stamp is None:
-                    raise M3Error(f"unknown frame {frame!r}: no TF chain connects it to {loaded.memory.world_frame!r}")
-                frame_T_world = self.tf.lookup(frame, loaded.memory.world_frame, stamp)
+            options = dataclasses.replace(self.options, max_instances=request.max_instances or
+                                          self.options.max_instances,
+                                          negatives=tuple(request.negatives) or self.options.negatives)
+            frame = request.frame_id or self.world_frame or loaded.memory.world_frame
+            view, source = self.view(request, loaded.memory, loaded.engine)
+            answer = loaded.engine.answer(request.query, view, options)
+            frame_T_world = self.frame_transform(frame, loaded.memory.world_frame)
         except (M3Error, ValueError) as exc:
-            response.success, response.message = False, str(exc)
-            self.get_logger().warning(f"locate {request.query[:60]!r} failed: {exc}")
-            return response
-        grasp = frame_T_world @ result.grasp
-        stamp = self.get_clock().now().to_msg()
-        response.success, response.score = True, float(result.score)
-        response.target.header.stamp = response.grasp_pose.header.stamp = stamp
-        response.target.header.frame_id = response.grasp_pose.header.frame_id = frame
-        response.target.point = Point(x=float(grasp[0, 3]), y=float(grasp[1, 3]), z=float(grasp[2, 3]))
-        response.grasp_pose.pose = matrix_to_pose(grasp)
-        heatmap = self.heatmap_image(result.heatmap, stamp)
-        if request.return_heatmap:
-            response.heatmap = heatmap
-        elapsed_ms = (time.monotonic() - started) * 1000
-        response.message = f"found {query!r} (score {result.score:.2f}) in {elapsed_ms:.0f} ms, searching {source}"
-        self.grasp_pub.publish(response.grasp_pose)
-        self.heatmap_pub.publish(heatmap)
-        self.marker_pub.publish(self.markers(response, query))
+            return self.refuse(request, response, str(exc))
+        except Exception as exc:   # a fault of ours: answer and log it rather than let rclpy end the process
+            self.get_logger().error(f"locate {request.query[:60]!r}: {traceback.format_exc()}")
+            return self.refuse(request, response, f"internal error ({type(exc).__name__}: {exc}); see the server log")
+        self.fill(response, loaded, answer, frame, frame_T_world, request.return_heatmap,
+                  source == "the camera's current view")
+        notes = "; ".join(answer.notes)
+        response.message = (f"found {answer.query!r} (score {answer.score:.2f}, {len(answer.instances)} instance(s)) "
+                            f"in {(time.monotonic() - started) * 1000:.0f} ms, searching {source}"
+                            + (f"; {notes}" if notes else ""))
         self.get_logger().info(response.message)
         return response
 
-    def heatmap_image(self, heatmap: np.ndarray, stamp) -> Image:
-        image = Image(height=heatmap.shape[0], width=heatmap.shape[1], encoding="32FC1", step=heatmap.shape[1] * 4)
-        image.header.stamp, image.header.frame_id = stamp, self.camera_frame
-        image.data = np.ascontiguousarray(heatmap, dtype=np.float32).tobytes()
-        return image
+    def refuse(self, request: Locate.Request, response: Locate.Response, why: str) -> Locate.Response:
+        response.success, response.message = False, why
+        self.get_logger().warning(f"locate {request.query[:60]!r} failed: {why}")
+        return response
+
+    def fill(self, response: Locate.Response, loaded: LoadedMemory, answer: Answer, frame: str, frame_T_world: np.ndarray,
+             return_heatmap: bool, live_camera: bool) -> None:
+        """The answer as the response's messages (and the published topics), in `frame`."""
+        stamp = self.get_clock().now().to_msg()
+        header = Header(stamp=stamp, frame_id=frame)
+        grasp = frame_T_world @ answer.grasp
+        response.success, response.score = True, float(answer.score)
+        response.target.header = response.grasp_pose.header = header
+        response.target.point = Point(x=float(grasp[0, 3]), y=float(grasp[1, 3]), z=float(grasp[2, 3]))
+        response.grasp_pose.pose = matrix_to_pose(grasp)
+        for instance in answer.instances:
+            point = frame_T_world[:3, :3] @ instance.point + frame_T_world[:3, 3]
+            response.instances.append(Instance(
+                position=Point(x=float(point[0]), y=float(point[1]), z=float(point[2])),
+                extent=Vector3(x=float(instance.extent[0]), y=float(instance.extent[1]), z=float(instance.extent[2])),
+                score=float(instance.score), views_seen=instance.views_seen, num_gaussians=len(instance.gaussians)))
+        heatmap = Image()
+        if answer.heatmap is not None:
+            camera = answer.heatmap_camera
+            heatmap_frame = self.camera_frame if live_camera else HEATMAP_VIEW_FRAME
+            heatmap = Image(height=camera.height, width=camera.width, encoding="32FC1", step=camera.width * 4,
+                            header=Header(stamp=stamp, frame_id=heatmap_frame))
+            heatmap.data = np.ascontiguousarray(answer.heatmap, dtype=np.float32).tobytes()
+            response.heatmap_camera = CameraInfo(header=heatmap.header, width=camera.width, height=camera.height,
+                                                 k=camera.K.ravel().tolist(), distortion_model="plumb_bob")
+            response.heatmap_view.header = header
+            response.heatmap_view.pose = matrix_to_pose(frame_T_world @ camera.c2w)
+            self.heatmap_pub.publish(heatmap)
+        if return_heatmap:
+            response.heatmap = heatmap
+        self.grasp_pub.publish(response.grasp_pose)
+        self.marker_pub.publish(self.markers(response, answer.query))
+        matches = np.concatenate([i.gaussians for i in answer.instances]).astype(np.int64)
+        world_header = Header(stamp=stamp, frame_id=loaded.memory.world_frame)
+        scores = answer.gaussian_scores[matches][:, None]
+        self.matches_pub.publish(point_cloud(world_header, loaded.engine.means[matches].cpu().numpy(),
+                                             np.concatenate([np.ones_like(scores), scores, 0 * scores], axis=1)))
 
     def markers(self, response: Locate.Response, query: str) -> MarkerArray:
         sphere = Marker(header=response.grasp_pose.header, ns="m3", id=0, type=Marker.SPHERE, action=Marker.ADD)
@@ -208,7 +304,16 @@ class MemoryServer(Node):
         label.pose.position.z += 0.08
         label.scale.z = 0.04
         label.color.r = label.color.g = label.color.b = label.color.a = 1.0
-        return MarkerArray(markers=[sphere, label])
+        boxes = []
+        for i, instance in enumerate(response.instances):
+            box = Marker(header=response.grasp_pose.header, ns="m3_instances", id=i, type=Marker.CUBE,
+                         action=Marker.ADD)
+            box.pose.position, box.pose.orientation.w = instance.position, 1.0
+            box.scale.x, box.scale.y, box.scale.z = (max(v, 0.01) for v in (instance.extent.x, instance.extent.y,
+                                                                              instance.extent.z))
+            box.color.g, box.color.b, box.color.a = 0.8, 1.0, 0.3
+            boxes.append(box)
+        return MarkerArray(markers=[sphere, label, *boxes])
 
 
 def main(args: list[str] | None = None) -> int:

@@ -56,6 +56,17 @@ SIZES: dict[str, SimConfig] = {
         keyframe_every=5,
         n_previews=2,
     ),
+    # A layout and walk that no default was tuned on: another seed's placement, half a circle from the far side,
+    # a lower camera (the query engine's test of camera-view answers).
+    "unseen": SimConfig(
+        width=160,
+        height=120,
+        objects=("yellow bath duck", "red mug", "soccer ball", "cat photo box", "red cube"),
+        timing=TimingConfig(duration_s=2.0),
+        rig=RigConfig(arc=np.pi, start_angle=np.pi / 3, camera_height=0.45, camera_radius=0.8),
+        keyframe_every=5,
+        n_previews=2,
+    ),
     "demo": SimConfig(
         width=320,
         height=240,

@@ -1,6 +1,6 @@
 """Evaluation of trained memories (M3 or the distillation baseline) on held-out views; `m3 eval` runs it.
 
-Names resolve lazily so that registering the `m3 eval` verb (importing `m3_memory.core.eval.cli`) loads no torch.
+Names resolve lazily so that importing the package (e.g. for `EvalConfig` defaults) loads no torch.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import importlib
 _EXPORTS = {
     "evaluation": (
         "DISTRACTOR_CAPTIONS", "EvalConfig", "GroundTruth", "evaluate", "held_out_views", "load_ground_truth",
-        "render_view", "report_markdown",
+        "report_markdown",
     ),
     "metrics": ("feature_fidelity", "grounding_summary", "mask_overlap", "recall_at_k"),
 }

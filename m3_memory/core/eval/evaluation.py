@@ -2,19 +2,19 @@
 
 Any memory whose `gaussians` render colour and latents and whose `attentions[model]` decode them
 (`forward: [P, l] → [P, d]`, `decode_map: [H, W, l] → [H, W, d]`) is evaluated alike: M3's memory attention and the
-distillation baseline's MLP (`FeatureDecoder`, trained by `m3_memory.core.distill`). `render_view` is the one place a
-view is rendered and decoded.
+distillation baseline's MLP (`FeatureDecoder`, trained by `m3_memory.core.distill`). Views are rendered and decoded by
+`views.render_memory`, the query engine's own path.
 
 Sections of the report (a JSON-able dict):
 - rgb: PSNR and SSIM of the rendered held-out views.
 - features: per model, cosine distance and L2 between the decoded rendered features and the raw features of the view.
 - grounding: per model, each visible object's primary phrase masked on the decoded map (`score_pixels` and
-  `select_region`, as `locate` does) vs its ground-truth mask: mIoU, cIoU, precision at IoU 0.5 / 0.6.
+  `select_region`, as the query engine's paper path does) vs its ground-truth mask: mIoU, cIoU, precision at IoU 0.5 / 0.6.
 - retrieval: per model, object regions (the decoded features averaged over each visible object's ground-truth mask) vs
   every object phrase plus DISTRACTOR_CAPTIONS: image→text and text→image recall@1/5/10; the same from the raw features
   as the feature model's own ceiling.
 - localisation: per model, each object's primary phrase answered as the memory server does without a camera view
-  (`locate_in_memory`): the direct 3D target, and what rendering `search_views` training views alone found; distance
+  (`QueryEngine.answer`): the direct 3D target, and what rendering `search_views` training views alone found; distance
   to the ground-truth centre and success within `success_radius_m`.
 - cost: parameters, bank sizes, Gaussians, training seconds (as the trainer recorded them), render and locate latency.
 """
@@ -33,10 +33,12 @@ from torch import Tensor
 
 from m3_memory.core.errors import M3Error
 from m3_memory.core.eval.metrics import feature_fidelity, grounding_summary, mask_overlap, recall_at_k
-from m3_memory.core.locate import locate_in_memory, text_encoder
+from m3_memory.core.engine import QueryEngine, QueryOptions, text_encoder
+from m3_memory.core.errors import QueryError
 from m3_memory.core.losses import psnr, ssim
 from m3_memory.core.query import CANONICAL_NEGATIVES, score_pixels, select_region
 from m3_memory.core.scene import Scene
+from m3_memory.core.views import Camera, render_memory
 from m3_memory.core.trainer import ViewFeatures, sample_features, training_views
 
 # Plausible tabletop captions naming none of the demo objects (duck, mug, soccer ball, cat, coffee, rocket, ball, cube):
@@ -98,19 +100,6 @@ def held_out_views(n_views: int, holdout_every: int) -> np.ndarray:
     return np.setdiff1d(np.arange(n_views), training_views(n_views, holdout_every))
 
 
-def render_view(memory, c2w: np.ndarray, K: np.ndarray, width: int, height: int) -> dict:
-    """Render one view `c2w: [4, 4]`, `K: [3, 3]` of any memory: `rgb [H, W, 3]`, `alpha [H, W]` and per model its
-    decoded features `features[model]: [H, W, d]` (through the memory's own decoder), all on the memory's device."""
-    device = memory.gaussians.params["means"].device
-    with torch.no_grad():
-        out = memory.gaussians.render(torch.as_tensor(c2w, dtype=torch.float32, device=device)[None],
-                                      torch.as_tensor(K, dtype=torch.float32, device=device)[None], width, height)
-        queries = out["queries"][0]
-        features = {name: decoder.decode_map(queries[..., memory.gaussians.query_slice(name)])
-                    for name, decoder in memory.attentions.items()}
-    return {"rgb": out["rgb"][0], "alpha": out["alpha"][0, ..., 0], "features": features}
-
-
 def default_text_encoders(memory, notes: list[str]) -> dict[str, TextEncoder]:
     """Each of the memory's models that has a text side, checked to be the extractor it was trained with."""
     encoders = {}
@@ -135,8 +124,9 @@ def evaluate(scene: Scene, memory, features: dict[str, ViewFeatures] | None = No
     device = memory.gaussians.params["means"].device
     n_views = len(scene)
     height, width = scene.meta.height, scene.meta.width
-    if (memory.views.get("width"), memory.views.get("height")) != (width, height):
-        raise M3Error(f"the memory was trained on {memory.views.get('width')}x{memory.views.get('height')} views, "
+    trained = memory.views
+    if (trained.width, trained.height) != (width, height):
+        raise M3Error(f"the memory was trained on {trained.width}x{trained.height} views, "
                       f"the scene has {width}x{height}: evaluate it on the scene it was trained on")
     holdout_every = int(memory.config.get("holdout_every", 0))
     views = held_out_views(n_views, holdout_every)
@@ -160,22 +150,23 @@ def evaluate(scene: Scene, memory, features: dict[str, ViewFeatures] | None = No
             negatives[model] = text_encoders[model](list(CANONICAL_NEGATIVES)).float().to(device)
 
     images = scene.images()
-    render_view(memory, scene.c2w[views[0]], scene.Ks[views[0]], width, height)   # warm-up: not timed
+    cameras = {view: Camera(scene.c2w[view], scene.Ks[view], width, height) for view in views}
+    render_memory(memory, cameras[views[0]], memory.models)   # warm-up: not timed
     render_ms, psnrs, ssims = [], [], []
     fidelity = {m: [] for m in memory.models if m in features}                     # (cos, l2, rows) per view
     overlaps = {m: [] for m in text_models}                                          # (object j, view, inter, union)
     regions = {m: {"rendered": [], "raw": [], "object": []} for m in text_models}
     for view in views:
         started = time.perf_counter()
-        rendered = render_view(memory, scene.c2w[view], scene.Ks[view], width, height)
+        rendered = render_memory(memory, cameras[view], memory.models)
         if device.type == "cuda":
             torch.cuda.synchronize()
         render_ms.append(1e3 * (time.perf_counter() - started))
         target = torch.from_numpy(images[view]).to(device).float()[None] / 255.0
-        psnrs.append(psnr(rendered["rgb"][None], target))
-        ssims.append(float(ssim(rendered["rgb"][None].clamp(0, 1), target)))
-        valid = rendered["alpha"].cpu().numpy() > config.min_alpha
-        for model, decoded in rendered["features"].items():
+        psnrs.append(psnr(rendered.rgb[None], target))
+        ssims.append(float(ssim(rendered.rgb[None].clamp(0, 1), target)))
+        valid = rendered.alpha.cpu().numpy() > config.min_alpha
+        for model, decoded in rendered.features.items():
             flat = decoded.reshape(-1, decoded.shape[-1])                             # [H·W, d]
             raw = None
             if model in features:
@@ -212,8 +203,8 @@ def evaluate(scene: Scene, memory, features: dict[str, ViewFeatures] | None = No
     }
     locate_ms = []
     for model in text_models:
-        report["localisation"][model] = _localisation(memory, truth, texts[model], negatives.get(model), model,
-                                                      config, locate_ms)
+        engine = QueryEngine(memory, model, text_encoders[model])
+        report["localisation"][model] = _localisation(engine, truth, texts[model], config, locate_ms)
     final = memory.config.get("final", {})
     if "train_s" not in final:
         notes.append("the checkpoint does not record its training time: take it from the caller")
@@ -223,7 +214,7 @@ def evaluate(scene: Scene, memory, features: dict[str, ViewFeatures] | None = No
         "render_ms_mean": float(np.mean(render_ms)),
         "locate_ms_mean": float(np.mean(locate_ms)) if locate_ms else None,
         "locate_ms_p95": float(np.percentile(locate_ms, 95)) if locate_ms else None,
-        "locate_views": min(config.search_views, len(memory.views["c2w"])),
+        "locate_views": min(config.search_views, len(trained)),
     }
     return report
 
@@ -270,21 +261,25 @@ def _retrieval(regions: dict, texts: Tensor, n_objects: int, config: EvalConfig)
     return result
 
 
-def _localisation(memory, truth: GroundTruth, texts: Tensor, negatives: Tensor | None, model: str,
-                  config: EvalConfig, latencies: list[float]) -> dict:
-    """Per object, `locate_in_memory` (as the memory server answers without a view): its direct 3D target and what the
-    rendered search of the training views alone found; appends each locate's ms to `latencies`."""
+def _localisation(engine: QueryEngine, truth: GroundTruth, texts: Tensor, config: EvalConfig,
+                  latencies: list[float]) -> dict:
+    """Per object, the query engine's whole-memory answer (the memory server's without a view): its target (the direct
+    3D query) and what the rendered training views alone found; appends each answer's ms to `latencies`. A query the
+    engine refuses counts as a miss."""
+    options = QueryOptions(method=config.method, max_search_views=config.search_views, min_alpha=config.min_alpha)
     per_object = []
     for j, obj in enumerate(truth.objects):
         center = np.asarray(obj["center"], dtype=np.float64)
         started = time.perf_counter()
-        answer = locate_in_memory(memory, texts[j], model=model, max_views=config.search_views, method=config.method,
-                                  negatives=negatives, min_alpha=config.min_alpha)
+        try:
+            answer = engine.answer(truth.phrases[j], None, options, text=texts[j])
+        except QueryError:
+            answer = None
         latencies.append(1e3 * (time.perf_counter() - started))
-        rendered, point = answer.rendered_point, answer.result.point
-        rendered_error = None if rendered is None else float(np.linalg.norm(rendered - center))
-        per_object.append({"phrase": truth.phrases[j], "rendered_error_m": rendered_error,
-                           "direct_3d_error_m": float(np.linalg.norm(point - center))})
+        rendered = None if answer is None else answer.rendered_point
+        per_object.append({"phrase": truth.phrases[j],
+                           "rendered_error_m": None if rendered is None else float(np.linalg.norm(rendered - center)),
+                           "direct_3d_error_m": None if answer is None else float(np.linalg.norm(answer.point - center))})
     return {
         "rendered": _success(per_object, "rendered_error_m", config.success_radius_m),
         "direct_3d": _success(per_object, "direct_3d_error_m", config.success_radius_m),

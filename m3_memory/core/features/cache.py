@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -109,20 +110,18 @@ class FeatureCache:
         return self.get_many(image[None])[0]
 
 
-def extract_scene(scene, extractor: FeatureExtractor, cache: FeatureCache, progress: bool = True,
-                  batch: int | None = None) -> list[np.ndarray]:
+def extract_scene(scene, extractor: FeatureExtractor, cache: FeatureCache,
+                  progress: Callable[[int, int], None] | None = None, batch: int | None = None) -> list[np.ndarray]:
     """Features of every view of `scene` (a `m3_memory.core.scene.Scene`) through `cache`, in frame order.
 
     Returns one float16 memmap `[h, w, d]` per view. Views already cached are not recomputed, so a killed run
-    resumes where it stopped. `progress` shows a tqdm bar on stderr.
+    resumes where it stopped. `progress(done, total)` is called after each batch of views.
     """
-    from tqdm import tqdm
-
     batch = batch or extractor.batch_size
     out: list[np.ndarray] = []
-    with tqdm(total=len(scene), desc=f"features {extractor.name}", unit="view", disable=not progress) as bar:
-        for start in range(0, len(scene), batch):
-            images = np.stack([scene.image(i) for i in range(start, min(start + batch, len(scene)))])
-            out += cache.get_many(images)
-            bar.update(len(images))
+    for start in range(0, len(scene), batch):
+        images = np.stack([scene.image(i) for i in range(start, min(start + batch, len(scene)))])
+        out += cache.get_many(images)
+        if progress is not None:
+            progress(len(out), len(scene))
     return out

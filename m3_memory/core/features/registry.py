@@ -25,7 +25,8 @@ class FeatureModelConfig:
     path (`~` expanded; relative to the YAML file; `package:` = shipped in m3_memory/core/features/);
     `min_side` upscales smaller images first (None = one tile); `allow_random_init` lets a model without weights run
     with random ones (tests only: identity says RANDOM-INIT).
-    `options` holds kind-specific settings.
+    `options` holds kind-specific settings. `psc_threshold` is Algorithm 1's cosine θ for memories of this model
+    (features that vary little need a θ close to 1; a region model, one embedding per segment, ~0.9999).
     """
 
     name: str
@@ -39,6 +40,7 @@ class FeatureModelConfig:
     device: str = "cpu"
     allow_random_init: bool = False
     options: dict = field(default_factory=dict)
+    psc_threshold: float | None = None
     base_dir: Path = PACKAGE_DIR
 
     def weights_path(self) -> Path | None:

@@ -1,6 +1,7 @@
 """Scene memory of one foundation model: principal scene components (the bank) and the Gaussian memory attention;
 the distillation baseline's MLP decoder in its place."""
 from m3_memory.core.memory.attention import MemoryAttention
+from m3_memory.core.memory.decoder import Decoder
 from m3_memory.core.memory.mlp_decoder import FeatureDecoder
 from m3_memory.core.memory.psc import (
     DEFAULT_PSC_CONFIGS,
@@ -12,6 +13,7 @@ from m3_memory.core.memory.psc import (
 
 __all__ = [
     "DEFAULT_PSC_CONFIGS",
+    "Decoder",
     "FeatureDecoder",
     "MemoryAttention",
     "PSCConfig",

@@ -46,6 +46,11 @@ class MemoryAttention(nn.Module):
         self.temperature = float(temperature)
         self.chunk = int(chunk)
 
+    @property
+    def bank_size(self) -> int:
+        """Rows t of the bank."""
+        return int(self.psc.shape[0])
+
     @classmethod
     def from_state_dict(cls, state: dict, **kwargs) -> "MemoryAttention":
         """Rebuild a module from a saved state dict (its ``wm`` [l, d] and ``psc`` [t, d]); kwargs as __init__."""

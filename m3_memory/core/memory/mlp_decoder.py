@@ -14,6 +14,8 @@ class FeatureDecoder(nn.Module):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, feature_dim))
 
+    bank_size = None   # learned outputs, no memory bank
+
     @property
     def dims(self) -> tuple[int, int, int]:
         """(l, hidden, d)."""

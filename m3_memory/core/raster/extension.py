@@ -1,8 +1,8 @@
-"""Build and load the C++ (multi-threaded) CPU rasterizer (the build command itself is `m3_memory.core.raster.build`).
+"""Build and load the C++ (multi-threaded) CPU rasterizer (the build command itself is `m3_memory.cli.build_raster`).
 
 Build once, explicitly (at setup, never in the middle of a training run)::
 
-    python -m m3_memory.core.raster.build
+    python -m m3_memory.cli.build_raster
 
 The shared library goes under ``sys.prefix`` (the virtual environment) next to a stamp holding the digest of the
 sources and flags, so a stale build is detected at load time instead of being silently rebuilt.
@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 EXT_NAME = "m3_raster_cpu"
-BUILD_COMMAND = "python -m m3_memory.core.raster.build"
+BUILD_COMMAND = "python -m m3_memory.cli.build_raster"
 SOURCES = (Path(__file__).parent / "csrc" / "raster_cpu.cpp",)
 # -march=native: the library is built on the machine that runs it (setup step), and AVX helps the vector loops.
 # -ffp-contract=off: vectorised and scalar code round alike, so forward and backward screen pixels identically.

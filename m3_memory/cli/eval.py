@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def run_eval(args) -> int:
-    from m3_memory.core.cli import run_verb
+    from m3_memory.cli.common import run_verb
 
     return run_verb("eval", _eval, args)
 
@@ -14,8 +14,8 @@ def run_eval(args) -> int:
 def _eval(args) -> int:
     from m3_memory.core.atomic import write_atomic
     from m3_memory.core.checkpoint import load_memory
-    from m3_memory.core.cli import scene_features
     from m3_memory.core.errors import M3Error
+    from m3_memory.core.pipeline import scene_features
     from m3_memory.core.eval.evaluation import EvalConfig, evaluate, report_markdown
     from m3_memory.core.scene import Scene
 
@@ -25,7 +25,7 @@ def _eval(args) -> int:
     for model in memory.models:
         try:
             name = memory.identities[model]["name"]
-            features[model] = scene_features(scene, args.scene, [name], progress=False)[name]
+            features[model] = scene_features(scene, args.scene, [name])[name]
         except M3Error as exc:
             notes.append(f"{model}: no raw features for fidelity ({exc})")
     report = evaluate(scene, memory, features, config=EvalConfig(method=args.method))
@@ -37,7 +37,8 @@ def _eval(args) -> int:
     if plot is None:
         report["notes"].append("plot skipped: matplotlib is not installed")
     write_atomic(out / "eval.json", lambda h: h.write((json.dumps(report, indent=2) + "\n").encode()))
-    write_atomic(out / "eval.md", lambda h: h.write(report_markdown(report).encode()))
+    markdown = report_markdown(report) + ("" if plot is None else f"\n![3D localisation]({plot.name})\n")
+    write_atomic(out / "eval.md", lambda h: h.write(markdown.encode()))
     summary = {"out": str(out), "method": report["method"], "psnr": round(report["rgb"]["psnr"], 2),
                "views": len(report["views"]["evaluated"]), "held_out": report["views"]["held_out"],
                "parameters": report["cost"]["parameters"], "plot": None if plot is None else str(plot)}

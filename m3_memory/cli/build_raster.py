@@ -1,4 +1,4 @@
-"""Build command of the CPU rasterizer: ``python -m m3_memory.core.raster.build [-v]``."""
+"""Build command of the CPU rasterizer: ``python -m m3_memory.cli.build_raster [-v]``."""
 
 import sys
 

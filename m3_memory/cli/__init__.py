@@ -8,9 +8,12 @@ import sys
 # Modules that add sub-commands through `register(subparsers)`; each imports its heavy dependencies only when run.
 VERB_MODULES = (
     "m3_memory.sim.cli",
-    "m3_memory.core.features.cli",
-    "m3_memory.core.cli",
-    "m3_memory.core.eval.cli",
+    "m3_memory.cli.features",
+    "m3_memory.cli.train",
+    "m3_memory.cli.query",
+    "m3_memory.cli.view",
+    "m3_memory.cli.export",
+    "m3_memory.cli.eval",
     "m3_memory.ros.locate_cli",
     "m3_memory.ros.bag_play",
     "m3_memory.ros.demo",

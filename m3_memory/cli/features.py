@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from m3_memory.cli.common import progress_bar
     from m3_memory.core.features.base import FeatureModelError
     from m3_memory.core.features.cache import FeatureCache, extract_scene
     from m3_memory.core.features.registry import build_extractor
@@ -35,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"model: {extractor.describe()}", flush=True)
     cache = FeatureCache(args.cache_dir or args.scene / "features", extractor)
-    features = extract_scene(scene, extractor, cache, progress=not args.no_progress)
+    features = extract_scene(scene, extractor, cache,
+                             progress=None if args.no_progress else progress_bar(f"features {extractor.name}"))
     size = sum(array.nbytes for array in features)
     print(f"{len(features)} views, {features[0].shape} float16 each, {size / 1e6:.1f} MB in {cache.dir}"
           + (f" ({cache.recomputed} corrupt entries recomputed)" if cache.recomputed else ""))
@@ -52,8 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m m3_memory.core.features.cli SCENE [--model NAME]` (same as `m3 features`)."""
-    parser = argparse.ArgumentParser(prog="python -m m3_memory.core.features.cli", description=__doc__)
+    """`python -m m3_memory.cli.features SCENE [--model NAME]` (same as `m3 features`)."""
+    parser = argparse.ArgumentParser(prog="python -m m3_memory.cli.features", description=__doc__)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

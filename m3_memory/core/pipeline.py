@@ -1,0 +1,58 @@
+"""Configuration loading and feature preparation shared by every way of training (CLI, trainer node, benchmarks)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+DEFAULT_TRAIN_CONFIG = Path(__file__).resolve().parents[2] / "config" / "train.yaml"
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`["iterations=500", "densify.refine_every=50"]` → nested dict with YAML-typed values."""
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"setting {item!r} must be written key=value")
+        node = out
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"setting {item!r}: {parent!r} is set to a value and cannot hold {leaf!r}")
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` applied, nested dicts merged key by key."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = merge(merged.get(key) or {}, value) if isinstance(value, dict) else value
+    return merged
+
+
+def load_train_config(path: Path | None, overrides: dict):
+    """The training config: the dataclass defaults, `path` (default config/train.yaml), then `overrides`."""
+    from m3_memory.core.trainer import TrainConfig
+
+    path = Path(path or DEFAULT_TRAIN_CONFIG)
+    base = yaml.safe_load(path.read_text()) or {}
+    return TrainConfig.from_dict(merge(base, overrides))
+
+
+def scene_features(scene, scene_dir: Path, models: list[str], progress=None) -> dict:
+    """Cached dense features of every view for each named model → `{name: ViewFeatures}`; `progress(model)` gives
+    the `extract_scene` progress callback of each model."""
+    from m3_memory.core.features.cache import FeatureCache, extract_scene
+    from m3_memory.core.features.registry import build_extractor
+    from m3_memory.core.trainer import ViewFeatures
+
+    features = {}
+    for name in models:
+        extractor = build_extractor(name)
+        maps = extract_scene(scene, extractor, FeatureCache(Path(scene_dir) / "features", extractor),
+                             progress=None if progress is None else progress(name))
+        features[name] = ViewFeatures(identity=extractor.identity.to_json(), maps=maps)
+    return features
