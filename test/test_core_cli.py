@@ -1,6 +1,7 @@
 """`m3 train` and `m3 query` run the engine from the command line on a scene directory."""
 import json
 import shutil
+from pathlib import Path
 
 from conftest import run_command
 from m3_memory.sim import demo_scene
@@ -17,7 +18,8 @@ def test_train_then_query(tmp_path):
 
     # 30 iterations teach the memory little: the meaning floor (test_engine's business) is off here
     answer = json.loads(run_command("m3", "query", str(scene / "memory.pt"), "yellow bath duck", "--min-relevancy", "0",
-                                    check=True).stdout.strip().splitlines()[-1])
+                                    "--save", str(tmp_path / "pics"), check=True).stdout.strip().splitlines()[-1])
+    assert answer["picture"] == str(tmp_path / "pics" / "yellow_bath_duck.png") and Path(answer["picture"]).is_file()
     assert answer["frame_id"] == "world" and len(answer["target"]) == 3 and 0 < answer["score"] <= 1
 
     empty = run_command("m3", "query", str(scene / "memory.pt"), "   ")

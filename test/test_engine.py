@@ -3,8 +3,10 @@ was tuned on, instances, both scoring methods and the frame parameters through t
 of ROS and command-line code."""
 import json
 import re
+import socket
 import subprocess
 import sys
+import urllib.request
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import rclpy
 from geometry_msgs.msg import TransformStamped
 from m3_msgs.srv import Locate
 from PIL import Image
+from sensor_msgs.msg import PointCloud2
 from tf2_msgs.msg import TFMessage
 
 from conftest import REPO, node_process, run_command, wait_for
@@ -23,7 +26,7 @@ from m3_memory.core.scene import Scene
 from m3_memory.core.trainer import train
 from m3_memory.core.views import Camera
 from m3_memory.ros.graph_client import call_service
-from m3_memory.ros.qos import TF_STATIC_QOS
+from m3_memory.ros.qos import LATCHED, TF_STATIC_QOS
 from m3_memory.sim import demo_scene
 
 SEED = 7  # the "unseen" size: another layout, half a circle from the far side, a lower camera
@@ -106,6 +109,12 @@ def test_relevancy_scoring_answers(unseen, engine):
         assert np.linalg.norm(answer.point - duck["center"]) < 0.08 and 0 <= answer.heatmap.min() <= 1
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def ask(query: str, **fields) -> Locate.Response:
     return call_service(Locate, "/m3/locate", Locate.Request(query=query, **fields), timeout=60)
 
@@ -117,8 +126,17 @@ def test_cli_server_and_eval_give_the_same_answer(unseen, engine, ros_node):
     report = evaluate(scene, load_memory(path)[0])
     eval_errors = {row["phrase"]: row["direct_3d_error_m"]
                    for row in report["localisation"]["m3-tinyvlm"]["per_object"]}
-    with node_process("m3_memory_server", "--ros-args", "-p", f"checkpoint:={path}", "-p", "max_instances:=2"):
+    port = free_port()
+    clouds = []
+    ros_node.create_subscription(PointCloud2, "/m3/memory_cloud", clouds.append, LATCHED)
+    with node_process("m3_memory_server", "--ros-args", "-p", f"checkpoint:={path}", "-p", "max_instances:=2",
+                      "-p", f"viewer_port:={port}"):
         assert wait_for(lambda: ask("yellow bath duck").success, 90)
+        # the memory as a latched cloud for RViz, and the browser viewer following the served memory
+        assert wait_for(lambda: rclpy.spin_once(ros_node, timeout_sec=0.1) or clouds, 30)
+        assert clouds[0].width > 100 and clouds[0].header.frame_id == "world"
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read().decode()
+        assert "<html" in page.lower()
         for obj in objects:
             phrase = obj["phrases"][0]
             cli = json.loads(run_command("m3", "query", str(path), phrase, "--instances", "2",

@@ -10,10 +10,13 @@ def test_locate_service_fields():
 
     request, response = Locate.Request(), Locate.Response()
     assert request.get_fields_and_field_types() == {
-        "query": "string", "frame_id": "string", "view": "geometry_msgs/Pose", "return_heatmap": "boolean"}
+        "query": "string", "frame_id": "string", "view": "geometry_msgs/Pose", "return_heatmap": "boolean",
+        "max_instances": "uint32", "negatives": "sequence<string>"}
     assert response.get_fields_and_field_types() == {
         "success": "boolean", "message": "string", "target": "geometry_msgs/PointStamped",
-        "grasp_pose": "geometry_msgs/PoseStamped", "score": "float", "heatmap": "sensor_msgs/Image"}
+        "grasp_pose": "geometry_msgs/PoseStamped", "score": "float", "heatmap": "sensor_msgs/Image",
+        "heatmap_camera": "sensor_msgs/CameraInfo", "heatmap_view": "geometry_msgs/PoseStamped",
+        "instances": "sequence<m3_msgs/Instance>"}
 
 
 def test_train_action_parts():

@@ -8,21 +8,24 @@ from m3_memory.core.memory.psc import PSCConfig, exact_cosine, principal_scene_c
 
 
 def naive_psc(features: torch.Tensor, threshold: float, chunk: int) -> torch.Tensor:
-    """Algorithm 1 as written (O(N²)): features [N, d] -> kept indices [t]. Zero rows never take part.
+    """The plain blockwise float64 form of Algorithm 1: features [N, d] -> kept indices [t]. Zero rows never take part.
 
-    Similarities are the float64 cosines of the method (row by row, the same arithmetic as ``exact_cosine``).
+    Normalise every row (scaled by a power of two first, which is exact, so huge finite rows do not overflow), then per
+    chunk of rows one [chunk, N] float64 similarity block and the greedy walk row by row.
     """
-    r64 = features.double()
-    norm = torch.linalg.vector_norm(r64, dim=1, keepdim=True)
-    valid = norm[:, 0] > 0
-    unit = r64 / norm
+    r64 = features.double().numpy()
+    peak = np.abs(r64).max(axis=1, keepdims=True)
+    valid = peak[:, 0] > 0
+    scaled = r64 * 2.0 ** -np.frexp(np.where(valid[:, None], peak, 1.0))[1]
+    unit = scaled / np.where(valid, np.linalg.norm(scaled, axis=1), 1.0)[:, None]
     used = ~valid
     kept = []
     for start in range(0, len(unit), chunk):
+        sims = unit[start:start + chunk] @ unit.T
         for j in range(start, min(start + chunk, len(unit))):
             if used[j]:
                 continue
-            similar = torch.nonzero(((unit[j] * unit).sum(-1) >= threshold) & valid).squeeze(1)
+            similar = (sims[j - start] >= threshold) & valid
             if not used[similar].any():
                 kept.append(j)
                 used[similar] = True
@@ -59,11 +62,11 @@ def test_matches_naive_on_clustered_data(threshold, noise, chunk, block):
     assert result.n_input == 1500 and result.reduction_ratio == pytest.approx(1500 / len(expected))
 
 
-@pytest.mark.parametrize(("chunk", "block", "max_pairs"), [(1, 97, 1 << 24), (300, 7, 1 << 24), (400, 128, 5)])
-def test_extreme_chunk_block_and_pair_cap(chunk, block, max_pairs):
+@pytest.mark.parametrize(("chunk", "block", "batch"), [(1, 97, 128), (300, 7, 128), (400, 128, 1), (5, 600, 2)])
+def test_extreme_chunk_block_and_batch(chunk, block, batch):
     features = clustered(600, 16, 12, 0.8, seed=3)
     expected = naive_psc(features, 0.85, chunk=100)
-    cfg = PSCConfig(0.85, chunk=chunk, block=block, max_pairs=max_pairs)
+    cfg = PSCConfig(0.85, chunk=chunk, block=block, batch=batch)
     assert torch.equal(principal_scene_components(features, cfg).indices, expected)
 
 
@@ -107,6 +110,72 @@ def test_all_zero_and_invalid_input():
         principal_scene_components(torch.tensor([[1.0, float("nan")], [1.0, 0.0]]), PSCConfig(0.9))
     with pytest.raises(ValueError, match="threshold"):
         principal_scene_components(torch.ones(3, 4), PSCConfig(1.0))
+    with pytest.raises(ValueError, match="positive"):
+        PSCConfig(0.9, batch=0)
+
+
+def sphere_walk(n: int, d: int, step: float, seed: int) -> torch.Tensor:
+    """[n, d] unit rows of a random walk on the sphere: features that vary smoothly, so neighbourhoods chain."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.empty(n, d, dtype=torch.float64)
+    x = torch.randn(d, generator=g, dtype=torch.float64)
+    for i in range(n):
+        x = x / x.norm()
+        rows[i] = x
+        x = x + step / d**0.5 * torch.randn(d, generator=g, dtype=torch.float64)
+    return rows.float()
+
+
+@pytest.mark.parametrize(("threshold", "step", "chunk", "batch"), [(0.9, 0.1, 2048, 128), (0.95, 0.05, 200, 16),
+                                                                   (0.8, 0.2, 64, 128)])
+def test_matches_naive_on_smoothly_varying_rows(threshold, step, chunk, batch):
+    features = sphere_walk(2000, 32, step, seed=int(threshold * 100))
+    expected = naive_psc(features, threshold, chunk=1000)
+    result = principal_scene_components(features, PSCConfig(threshold, chunk=chunk, block=512, batch=batch))
+    assert 20 < len(expected) < 1000
+    assert torch.equal(result.indices, expected)
+    assert torch.equal(result.components, features[expected])
+
+
+def test_near_threshold_pairs_and_random_rows():
+    # Pairs whose float64 cosine is within 1e-9 of θ (inside the float32 screening band), plus unstructured rows.
+    g = torch.Generator().manual_seed(4)
+    theta = 0.9
+    base = torch.nn.functional.normalize(torch.randn(300, 16, generator=g, dtype=torch.float64), dim=1)
+    side = torch.nn.functional.normalize(torch.randn(300, 16, generator=g, dtype=torch.float64), dim=1)
+    side = torch.nn.functional.normalize(side - (side * base).sum(1, keepdim=True) * base, dim=1)
+    angle = torch.arccos(torch.tensor(theta, dtype=torch.float64)) + 1e-9 * torch.randn(300, 1, generator=g, dtype=torch.float64)
+    partner = torch.cos(angle) * base + torch.sin(angle) * side
+    features = torch.cat([torch.stack([base, partner], 1).reshape(600, 16), torch.randn(600, 16, generator=g).double()])
+    cosines = exact_cosine(base, partner)
+    assert ((cosines >= theta).sum() > 50) and ((cosines < theta).sum() > 50)
+    assert ((cosines - theta).abs() < 1e-7).all()
+    for chunk in (64, 2048):
+        result = principal_scene_components(features, PSCConfig(theta, chunk=chunk, block=256))
+        assert torch.equal(result.indices, naive_psc(features, theta, chunk=500))
+    assert torch.equal(principal_scene_components(features, PSCConfig(0.5)).indices, naive_psc(features, 0.5, 300))
+
+
+def test_rows_beyond_float32_norm_range():
+    # [3e38, 3e38]-style float32 rows: finite, but their norm overflows float32.
+    g = torch.Generator().manual_seed(8)
+    directions = torch.rand(400, 2, generator=g) + torch.tensor([0.0, 0.05])
+    features = (3e38 * directions / directions.amax(1, keepdim=True)).float()
+    features[::7] = torch.tensor([3e38, 3e38])
+    features[::11] = torch.tensor([1e-40, 1e-40])  # subnormal rows: the same direction
+    assert torch.isfinite(features).all() and torch.isinf(features.norm(dim=1)).any()
+    expected = naive_psc(features, 0.999, chunk=100)
+    assert 3 < len(expected) < 300
+    result = principal_scene_components(features, PSCConfig(0.999, chunk=64, block=100))
+    assert torch.equal(result.indices, expected)
+    assert torch.equal(result.components, features[expected])
+    # float64 rows near 1e39 (beyond float32's range): same cover as the rows scaled down, and finite components.
+    big = clustered(500, 8, 6, 0.4, seed=9).double() * 1e39
+    result = principal_scene_components(big, PSCConfig(0.9, chunk=128, block=128))
+    assert torch.equal(result.indices, naive_psc(big, 0.9, chunk=200))
+    assert torch.equal(result.indices, naive_psc(big / 1e39, 0.9, chunk=200))
+    assert result.components.dtype == torch.float64 and torch.isfinite(result.components).all()
+    assert torch.equal(result.components, big[result.indices])
 
 
 def test_float16_memmap_input(tmp_path):

@@ -48,6 +48,10 @@ def test_malformed_request_is_refused_by_the_client(memory_server):
     result = run_command("ros2", "service", "call", "/m3/locate", "m3_msgs/srv/Locate", "{qeury: duck}")
     assert result.returncode == 2
     assert "no field 'qeury'" in result.stderr
+    number = run_command("ros2", "service", "call", "/m3/locate", "m3_msgs/srv/Locate", "{query: 5}")
+    assert number.returncode == 2 and "query is text, got 5" in number.stderr       # not an interpreter abort
+    nul = run_command("ros2", "service", "call", "/m3/locate", "m3_msgs/srv/Locate", "{query: \"duck\\0evil\"}")
+    assert nul.returncode == 2 and "NUL" in nul.stderr                             # refused, not cut to "duck"
 
 
 def test_missing_service_times_out_with_a_message():
@@ -67,7 +71,7 @@ def test_topic_list_and_echo_latched_status(memory_server):
     echoed = run_command("ros2", "topic", "echo", "/m3/memory_status", "--once", check=True).stdout
     status = yaml.safe_load(echoed.split("---")[0])
     assert status["loaded"] is False
-    assert status["world_frame"] == "world"
+    assert status["world_frame"] == ""          # no memory yet, no world_frame parameter: the memory's frame, unknown
 
 
 def test_m3_locate_reports_the_server_answer(memory_server):

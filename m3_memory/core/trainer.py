@@ -205,14 +205,20 @@ def model_psc_threshold(name: str, features: ViewFeatures) -> float:
     return entry.psc_threshold
 
 
-def build_attention(name: str, features: ViewFeatures, config: TrainConfig, device, views=None) -> MemoryAttention:
-    """Algorithm 1 over this model's (strided) pixel features of all views (or of `views`) → its memory attention."""
+def psc_input(name: str, features: ViewFeatures, config: TrainConfig, views=None) -> tuple[np.ndarray, PSCConfig]:
+    """Algorithm 1's input for one model: the non-zero rows `[N, d]` float32 of every `psc_pixel_stride`-th feature
+    cell of all views (or of `views`), and its settings (`config.psc[name]`, else θ from features.yaml)."""
     stride = config.psc_pixel_stride
     maps = features.maps if views is None else [features.maps[i] for i in views]
     rows = np.concatenate([np.asarray(m[::stride, ::stride]).reshape(-1, m.shape[-1]) for m in maps])
-    rows = rows[np.abs(rows).sum(axis=1) > 0]
-    psc_config = config.psc.get(name) or PSCConfig(threshold=model_psc_threshold(name, features))
-    result = principal_scene_components(torch.from_numpy(rows.astype(np.float32)), psc_config, device=device)
+    rows = rows[np.abs(rows).sum(axis=1) > 0].astype(np.float32)
+    return rows, config.psc.get(name) or PSCConfig(threshold=model_psc_threshold(name, features))
+
+
+def build_attention(name: str, features: ViewFeatures, config: TrainConfig, device, views=None) -> MemoryAttention:
+    """Algorithm 1 over this model's `psc_input` → its memory attention."""
+    rows, psc_config = psc_input(name, features, config, views)
+    result = principal_scene_components(torch.from_numpy(rows), psc_config, device=device)
     attention = MemoryAttention(config.query_dim, result.components, temperature=config.temperature,
                                 learnable_wm=config.learnable_wm, seed=config.seed).to(device)
     return attention

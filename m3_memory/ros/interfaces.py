@@ -51,7 +51,7 @@ def fill_message(message, data):
         field = first_string_field(message)
         if field is None:
             raise ValueError(f"{type(message).__name__} has no string field to fill with {data!r}")
-        setattr(message, field, str(data))
+        setattr(message, field, _coerce("", str(data), field))
         return message
     fields = message.get_fields_and_field_types()
     for name, value in data.items():
@@ -61,13 +61,26 @@ def fill_message(message, data):
         if hasattr(current, "get_fields_and_field_types"):
             fill_message(current, value)
         else:
-            setattr(message, name, _coerce(current, value))
+            setattr(message, name, _coerce(current, value, name))
     return message
 
 
-def _coerce(current, value):
-    """Match a YAML value to the type the generated setter expects (float fields reject ints, etc.)."""
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+def _coerce(current, value, name: str = "field"):
+    """Match a YAML value to the type the generated setter expects (float fields take ints); a value of another type
+    is a ValueError naming the field (handed to the C layer it can abort the interpreter)."""
+    expected = next((t for t in (bool, int, float, str) if type(current) is t), None)
+    if expected is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name} is text, got {value!r} ({type(value).__name__}): quote it")
+        if "\x00" in value:
+            raise ValueError(f"{name} contains a NUL character, which a ROS string cannot carry")
+        return value
+    if expected is bool and not isinstance(value, bool):
+        raise ValueError(f"{name} is true or false, got {value!r}")
+    if expected in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                     or (expected is int and not isinstance(value, int))):
+        raise ValueError(f"{name} is {'an integer' if expected is int else 'a number'}, got {value!r}")
+    if expected is float:
         return float(value)
     if isinstance(current, np.ndarray):
         return np.asarray(value, dtype=current.dtype)

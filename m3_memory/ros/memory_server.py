@@ -36,6 +36,7 @@ from m3_memory.core.engine import Answer, QueryEngine, QueryOptions
 from m3_memory.core.errors import M3Error
 from m3_memory.core.export import point_cloud as memory_points
 from m3_memory.core.paths import confine
+from m3_memory.core.query import validate_query
 from m3_memory.core.transforms import TransformBuffer
 from m3_memory.core.views import Camera
 from m3_memory.ros.clouds import point_cloud
@@ -176,7 +177,8 @@ class MemoryServer(Node):
     def publish_status(self, message: str) -> None:
         with self._lock:
             loaded = self.loaded
-        status = MemoryStatus(stamp=self.get_clock().now().to_msg(), loaded=loaded is not None, message=message)
+        status = MemoryStatus(stamp=self.get_clock().now().to_msg(), loaded=loaded is not None, message=message,
+                              world_frame=self.world_frame)
         if loaded is not None:
             banks = loaded.memory.bank_sizes()
             status.world_frame = self.world_frame or loaded.memory.world_frame
@@ -227,6 +229,7 @@ class MemoryServer(Node):
         with self._lock:
             loaded = self.loaded
         try:
+            validate_query(request.query, self.options.max_query_chars)   # a bad query is told so before all else
             if loaded is None:
                 raise M3Error(NO_MEMORY)
             options = dataclasses.replace(self.options, max_instances=request.max_instances or

@@ -4,7 +4,6 @@ from m3_memory.core.memory.attention import MemoryAttention
 from m3_memory.core.memory.decoder import Decoder
 from m3_memory.core.memory.mlp_decoder import FeatureDecoder
 from m3_memory.core.memory.psc import (
-    DEFAULT_PSC_CONFIGS,
     PSCConfig,
     PSCResult,
     exact_cosine,
@@ -12,7 +11,6 @@ from m3_memory.core.memory.psc import (
 )
 
 __all__ = [
-    "DEFAULT_PSC_CONFIGS",
     "Decoder",
     "FeatureDecoder",
     "MemoryAttention",

@@ -1,29 +1,29 @@
 """Principal scene components (M3, Algorithm 1): exact greedy similarity cover, memory-bounded.
 
 Semantics (the authors' greedy cover, made precise):
-  * every row r_i of the raw features R [N, d] is normalised, r̂_i = r_i / ‖r_i‖, and the similarity of two rows is
-    s(i, j) = Σ_k r̂_ik r̂_jk evaluated in float64 (``exact_cosine``);
-  * rows are walked in index order; a row j that is already *used* is skipped; otherwise J = {i : s(j, i) ≥ θ}; if no row
-    of J is used, j is kept as a component and every row of J becomes used;
+  * every row r_i of the raw features R [N, d] is normalised in float64, r̂_i = r_i / ‖r_i‖ (after an exact power-of-two
+    rescaling, so finite rows of any magnitude normalise without overflow), and s(i, j) = Σ_k r̂_ik r̂_jk in float64
+    (``exact_cosine``);
+  * rows are walked in index order; a row j that is already *used* is skipped; otherwise J = {i : s(j, i) ≥ θ} over all
+    rows; if no row of J is used, j is kept as a component and every row of J becomes used; else j is rejected;
   * rows whose raw feature is all zeros (the method masks those pixels) take no part at all: they are never kept and never
-    belong to any J. Non-finite rows are rejected with a ValueError.
+    belong to any J. Non-finite rows are rejected with a ValueError;
   * θ must lie in (0, 1 − δ): every row is then in its own J. Use θ = 0.9999 for "exact duplicates only" (SEEM).
 
-The naive form computes a [chunk, N] similarity block for every chunk of rows, O(N²·d) time and O(chunk·N) memory. This
-implementation keeps exactly the same rows but computes similarities only for rows whose fate is open:
+The plain form computes a [chunk, N] similarity block for every chunk of rows, O(N²·d). This implementation keeps
+exactly the same rows but only does work for rows whose fate is open, so it costs about (kept + rejected) · N · d:
 
-  * a row already used when its turn comes is decided without any work. In clustered features (pixels of one object)
-    that is almost every row, so the work is about (t + rejected) · N · d instead of N² · d;
-  * the next ``chunk`` open rows form a window. One [w, w] product finds, for each row, earlier "leader" rows that
-    certainly have it as a neighbour (s ≥ θ + δ); such a row is not evaluated, since it becomes used as soon as one of its
-    leaders is kept. Only when all its leaders are rejected is it evaluated, in a follow-up pass;
-  * evaluated rows are compared with every valid row in column blocks (memory O(chunk · block), never N × N), giving per
-    row "has a neighbour that is already used" and its neighbour list among the unused rows (at most ``max_pairs`` pairs
-    are held; rows past the cap wait for the next pass);
+  * a row used before its turn is skipped. Windows hold the next ``chunk`` unused rows; one [w, w] product inside the
+    window and one [w, t] product against the kept bank answer everything that does not need the whole scene;
+  * a row with no kept row within angle 2·arccos θ (s < 2θ² − 1) cannot have a used neighbour (triangle inequality on the
+    sphere), so it is kept without looking at the other N rows. Only the remaining rows are *evaluated*: up to ``batch``
+    of them at a time in one pass over all rows in column blocks (memory O(batch · block), never N × N), which gives per
+    row "a neighbour is already used" and, per pair of evaluated rows, "their neighbourhoods overlap";
+  * kept rows mark their neighbourhood used in the next pass (marking and evaluating share passes);
   * a sequential walk over the window applies Algorithm 1 literally with these facts, so the kept set is exact;
   * decisions are screened in float32 with a worst-case rounding bound δ; pairs within δ of θ are recomputed in float64.
 
-Memory: O(N) flags, the rows (N × d in the input's dtype: float16 stays float16) and O(chunk · block + max_pairs) work.
+Memory: O(N) flags, the normalised rows (N × d float32) and O(chunk · block) work.
 """
 from __future__ import annotations
 
@@ -35,8 +35,6 @@ import torch
 
 # Largest number of row pairs recomputed in float64 at once.
 _EXACT_PAIRS = 65536
-# Fewest rows per similarity pass when a window walk stalls (a pass is memory-bound below about this many rows).
-_MIN_BATCH = 128
 
 
 @dataclass(frozen=True)
@@ -44,32 +42,26 @@ class PSCConfig:
     """Per-model settings of Algorithm 1.
 
     threshold: cosine θ above which a row joins a component (CLIP ~0.9, DINOv2 ~0.75, SEEM 0.9999, ...).
-    chunk: rows decided per window (also the tile size of row-by-row products).
-    block: rows per column block of the similarity pass; work memory is about chunk × block float32.
-    max_pairs: cap on the neighbour pairs held for one window (16 bytes each).
+    chunk: rows per window (its [chunk, chunk] self-similarity is held at once).
+    block: rows per column block of a pass over all rows; work memory is about batch × block float32.
+    batch: most rows evaluated (compared with all N rows) in one pass.
     """
 
     threshold: float
     chunk: int = 2048
     block: int = 16384
-    max_pairs: int = 1 << 24
+    batch: int = 128
 
-
-# θ per foundation model as used by the authors' code (project method notes §4); chunk as above.
-DEFAULT_PSC_CONFIGS: dict[str, PSCConfig] = {
-    "clip": PSCConfig(threshold=0.9),
-    "siglip": PSCConfig(threshold=0.9),
-    "dinov2": PSCConfig(threshold=0.75),
-    "seem": PSCConfig(threshold=0.9999),
-    "llama3": PSCConfig(threshold=0.98),
-    "llamav": PSCConfig(threshold=0.65),
-}
+    def __post_init__(self):
+        if min(self.chunk, self.block, self.batch) < 1:
+            raise ValueError(f"chunk, block and batch must be positive, got {self.chunk}, {self.block}, {self.batch}")
 
 
 @dataclass
 class PSCResult:
-    """components: [t, d] float32 raw kept rows; indices: [t] int64 ascending row indices into the input;
-    n_input: N (zero rows included); reduction_ratio: N / t (how many times smaller the bank is)."""
+    """components: [t, d] raw kept rows (float32; float64 for float64 input, whose rows may exceed float32's range);
+    indices: [t] int64 ascending row indices into the input; n_input: N (zero rows included);
+    reduction_ratio: N / t (how many times smaller the bank is)."""
 
     components: torch.Tensor
     indices: torch.Tensor
@@ -77,19 +69,30 @@ class PSCResult:
     reduction_ratio: float
 
 
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows x [P, d] (any float dtype) normalised in float64 -> [P, d]; zero rows stay zero.
+
+    Each row is first scaled by a power of two (exact) that brings its largest entry into [0.5, 1), so the norm never
+    overflows or underflows and the result equals r / ‖r‖ computed without the scaling wherever that one is finite.
+    """
+    x64 = x.double()
+    exponent = torch.frexp(x64.abs().amax(dim=1, keepdim=True)).exponent
+    half = exponent // 2  # two steps: 2^-exponent alone overflows for subnormal rows
+    scaled = torch.ldexp(torch.ldexp(x64, -half), half - exponent)
+    norm = torch.linalg.vector_norm(scaled, dim=1, keepdim=True)
+    return scaled / torch.where(norm > 0, norm, 1.0)
+
+
 def exact_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Reference similarity of paired rows a [P, d], b [P, d] (any float dtype) -> [P] float64."""
-    a64, b64 = a.double(), b.double()
-    a64 = a64 / torch.linalg.vector_norm(a64, dim=1, keepdim=True)
-    b64 = b64 / torch.linalg.vector_norm(b64, dim=1, keepdim=True)
-    return (a64 * b64).sum(-1)
+    return (unit_rows(a) * unit_rows(b)).sum(-1)
 
 
 def screening_margin(d: int) -> float:
     """Bound δ on |float32 screening similarity − exact similarity| for unit rows of dimension d.
 
-    A float32 dot product of length d errs by at most ~d·u (u = 2⁻²⁴) for unit vectors; normalisation and the rounding of
-    float64 inputs to float32 add a few u. Twice that, plus a floor, is a safe margin.
+    A float32 dot product of length d errs by at most ~d·u (u = 2⁻²⁴) for unit vectors; rounding the float64 unit rows
+    to float32 adds a few u. Twice that, plus a floor, is a safe margin.
     """
     return 2.0 * (d + 8) * 2.0**-24 + 1e-6
 
@@ -140,53 +143,12 @@ class _Rows:
         return torch.from_numpy(np.asarray(self._data[idx.numpy()]))
 
 
-class _Pool:
-    """The valid (non-zero) rows on the compute device.
-
-    rows: [M, d] raw rows (float16 kept as float16, anything else as float32); inv: [M] float32 1/‖row‖;
-    idx: [M] global row indices (device); pos: [N] int64 CPU map global index -> pool position (-1 if absent).
-    """
-
-    def __init__(self, rows: _Rows, block: int, device: torch.device):
-        store = torch.float16 if rows.dtype == torch.float16 else torch.float32
-        self.rows = torch.empty(rows.n, rows.d, dtype=store, device=device)
-        self.inv = torch.empty(rows.n, dtype=torch.float32, device=device)
-        valid = torch.zeros(rows.n, dtype=torch.bool)
-        m = 0
-        for s in range(0, rows.n, block):
-            x = rows.block(s, min(s + block, rows.n)).to(device)
-            norm = torch.linalg.vector_norm(x.double(), dim=1)
-            if not torch.isfinite(norm).all():
-                raise ValueError(f"features contain non-finite values in rows [{s}, {s + x.shape[0]})")
-            ok = norm > 0
-            k = int(ok.sum())
-            self.rows[m:m + k] = x[ok]
-            self.inv[m:m + k] = (1.0 / norm[ok]).float()
-            valid[s:s + x.shape[0]] = ok.cpu()
-            m += k
-        self.valid = valid
-        self.idx = torch.nonzero(valid).squeeze(1).to(device)
-        self.rows, self.inv = self.rows[:m], self.inv[:m]
-        self.pos = torch.full((rows.n,), -1, dtype=torch.int64)
-        self.pos[valid] = torch.arange(m)
-        self.block, self._buffer = block, None
-
-    def block32(self, start: int, stop: int) -> torch.Tensor:
-        """Raw pool rows [start, stop) as float32 [stop - start, d], converted into a reused buffer if stored as float16."""
-        if self.rows.dtype == torch.float32:
-            return self.rows[start:stop]
-        if self._buffer is None:  # one allocation: a fresh float32 block per pass costs more than the conversion
-            self._buffer = torch.empty(self.block, self.rows.shape[1], device=self.rows.device)
-        return self._buffer[: stop - start].copy_(self.rows[start:stop])
-
-    def unit(self, global_idx: torch.Tensor) -> torch.Tensor:
-        """Normalised float32 rows for global indices [P] (CPU int64) -> [P, d] on the device."""
-        p = self.pos[global_idx].to(self.rows.device)
-        return self.rows[p].float() * self.inv[p, None]
-
-
 class _Greedy:
-    """State of one run: used / rejected flags [N] (CPU bool) and the thresholds."""
+    """One run of Algorithm 1 over the valid (non-zero) rows, addressed by pool position 0..M-1.
+
+    unit: [M, d] float32 normalised rows on the device; idx: [M] int64 CPU global row index of each pool row;
+    used: [M] bool on the device; bank: [t, d] float32 unit rows of the kept rows (all marked used between windows).
+    """
 
     def __init__(self, rows: _Rows, cfg: PSCConfig, device: torch.device):
         self.rows, self.cfg = rows, cfg
@@ -194,134 +156,133 @@ class _Greedy:
         self.delta = screening_margin(rows.d)
         if not 0.0 < self.theta < 1.0 - self.delta:
             raise ValueError(f"threshold must lie in (0, {1 - self.delta:.6f}); use e.g. 0.9999 for exact duplicates")
-        self.pool = _Pool(rows, cfg.block, device)
-        self.used = torch.zeros(rows.n, dtype=torch.bool)
-        # Zero rows count as decided: never candidates, and absent from the pool, so never anyone's neighbour.
-        self.rejected = ~self.pool.valid
+        # Two rows with a common neighbour are within angle 2·arccos θ, i.e. s ≥ 2θ² − 1; 2δ covers screening error.
+        self.near = 2.0 * self.theta**2 - 1.0 - 2.0 * self.delta
+        self.unit = torch.empty(rows.n, rows.d, dtype=torch.float32, device=device)
+        valid = torch.zeros(rows.n, dtype=torch.bool)
+        m = 0
+        for s in range(0, rows.n, cfg.block):
+            x = rows.block(s, min(s + cfg.block, rows.n)).to(device)
+            if not torch.isfinite(x).all():
+                raise ValueError(f"features contain non-finite values in rows [{s}, {s + x.shape[0]})")
+            ok = (x != 0).any(dim=1)
+            k = int(ok.sum())
+            self.unit[m:m + k] = unit_rows(x[ok]).float()
+            valid[s:s + x.shape[0]] = ok.cpu()
+            m += k
+        self.unit = self.unit[:m]
+        self.idx = torch.nonzero(valid).squeeze(1)
+        self.used = torch.zeros(m, dtype=torch.bool, device=device)
+        self.bank = self.unit[:0]
         self.kept: list[int] = []
 
-    def exact_at_least(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """[P] bool: exact s(a_p, b_p) ≥ θ for paired global indices a, b [P] (CPU int64)."""
-        out = torch.empty(a.numel(), dtype=torch.bool)
-        for s in range(0, a.numel(), _EXACT_PAIRS):
-            e = s + _EXACT_PAIRS
-            out[s:e] = exact_cosine(self.rows.gather(a[s:e]), self.rows.gather(b[s:e])) >= self.theta
-        return out
-
-    def decide(self, sims: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Exact s ≥ θ for pairs with float32 screening values sims [P] (CPU) and global indices a, b [P]."""
+    def at_least(self, sims: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Exact s ≥ θ for screening values sims [P, Q] of pool rows a [P] × b [Q] (device tensors) -> [P, Q] bool."""
         hit = sims >= self.theta + self.delta
-        band = (sims > self.theta - self.delta) & ~hit
-        if band.any():
-            hit[band] = self.exact_at_least(a[band], b[band])
+        band = torch.nonzero((sims > self.theta - self.delta) & ~hit)
+        for s in range(0, band.shape[0], _EXACT_PAIRS):
+            i, j = band[s:s + _EXACT_PAIRS].T
+            ga, gb = self.idx[a[i].cpu()], self.idx[b[j].cpu()]
+            exact = exact_cosine(self.rows.gather(ga), self.rows.gather(gb)) >= self.theta
+            hit[i, j] = exact.to(hit.device)
         return hit
 
     def run(self) -> torch.Tensor:
-        """Walk all rows, one window of ``chunk`` open rows at a time; returns kept row indices [t] int64 ascending."""
-        cursor = 0
-        while True:
-            open_rows = torch.nonzero(~(self.used[cursor:] | self.rejected[cursor:])).squeeze(1)
-            if open_rows.numel() == 0:
+        """Walk all rows, one window of ``chunk`` unused rows at a time; returns kept pool positions [t] ascending."""
+        m, cursor, step = self.unit.shape[0], 0, 4 * self.cfg.chunk
+        while cursor < m:
+            found = []  # unused rows from cursor on, read in pieces rather than one scan of the tail per window
+            n_found = 0
+            while cursor < m and n_found < self.cfg.chunk:
+                piece = torch.nonzero(~self.used[cursor:cursor + step]).squeeze(1) + cursor
+                found.append(piece)
+                n_found += piece.numel()
+                cursor = min(cursor + step, m)
+            window = torch.cat(found)[: self.cfg.chunk] if found else torch.empty(0, dtype=torch.int64)
+            if window.numel() == 0:
                 break
-            window = open_rows[: self.cfg.chunk] + cursor
-            self.step(window)
             cursor = int(window[-1]) + 1
+            self.window(window)
         return torch.tensor(self.kept, dtype=torch.int64)
 
-    def step(self, window: torch.Tensor) -> None:
-        """Decide every row of window [w] (open rows, ascending)."""
+    def window(self, window: torch.Tensor) -> None:
+        """Decide every row of window [w] (unused pool positions, ascending, on the device)."""
         w = window.numel()
-        q = self.pool.unit(window)
-        sure = ((q @ q.T) >= self.theta + self.delta).cpu().numpy()
-        # Leaders: rows no earlier leader certainly covers. last_cover[y]: the latest leader before y covering y (-1: none).
-        # A covered row is used as soon as one of its covering leaders is kept, so it needs no evaluation then.
-        last_cover = np.full(w, -1)
-        after = np.arange(w)
-        for e in range(w):
-            if last_cover[e] < 0:
-                last_cover = np.where(sure[e] & (after > e), e, last_cover)
-        hit_used, members = {}, {}
-        pending = np.nonzero(last_cover < 0)[0]
-        rows = window.tolist()
+        q = self.unit[window]
+        self_sims = q @ q.T
+        cover = self.at_least(self_sims, window, window).cpu().numpy()  # cover[k, j]: s(k, j) ≥ θ
+        near = np.triu((self_sims >= self.near).cpu().numpy(), 1)  # near[k, j], k < j: k, j may share a neighbour
+        near_bank = ((q @ self.bank.T) >= self.near).any(dim=1).cpu().numpy()
+        status = np.zeros(w, dtype=np.int8)  # 0 open, 1 kept, 2 rejected or used
+        unmarked: list[int] = []  # kept window positions whose neighbourhood is not yet marked used
+        evaluated: dict[int, int] = {}  # window position -> row of hit_used / overlap from the last pass
+        hit_used = overlap = None
+        used = self.used[window].cpu().numpy()
         p = 0
         while p < w:
-            self.evaluate(window, q, pending, hit_used, members)
-            p = self.walk(rows, p, hit_used, members)
-            if p < w:
-                # Row p is open and unevaluated. Evaluate every such row whose covering leaders are all decided, topped up
-                # with the next open rows: one pass costs about the same for 1 or _MIN_BATCH rows.
-                left = np.arange(p, w)
-                todo = left[~self.used[window[p:]].numpy() & np.array([i not in hit_used for i in range(p, w)])]
-                ready = last_cover[todo] < p
-                extra = todo[~ready][: max(0, _MIN_BATCH - int(ready.sum()))]
-                pending = np.union1d(todo[ready], extra)
-
-    def walk(self, rows: list, p: int, hit_used: dict, members: dict) -> int:
-        """Algorithm 1 over window rows from position p while their facts are known; returns where it stopped."""
-        for p in range(p, len(rows)):
-            row = rows[p]
-            if self.used[row]:
-                continue
-            if p not in hit_used:
-                return p
-            if hit_used[p] or self.used[members[p]].any():
-                self.rejected[row] = True
+            kept_before = status[:p] == 1
+            if used[p] or cover[:p, p][kept_before].any():
+                status[p] = 2
+            elif not (near_bank[p] or near[:p, p][kept_before].any()):
+                status[p] = 1  # no kept row within 2·arccos θ: no neighbour can be used
+            elif p in evaluated and all(k in evaluated or not near[k, p] for k in unmarked):
+                e = evaluated[p]
+                clash = hit_used[e] or any(overlap[e, evaluated[k]] for k in unmarked if k in evaluated)
+                status[p] = 2 if clash else 1
             else:
-                self.kept.append(row)
-                self.used[members[p]] = True
-        return len(rows)
+                # Evaluate p and the next open rows that may need it, marking the pending kept rows in the same pass.
+                later = np.arange(p, w)
+                may_clash = near_bank[later] | (near[:, later] & (status != 2)[:, None]).any(axis=0)
+                todo = later[(status[later] == 0) & ~used[later] & may_clash][: self.cfg.batch]
+                hit_used, overlap = self.scan(window[unmarked], window[todo])
+                evaluated = {int(j): e for e, j in enumerate(todo)}
+                unmarked = []
+                used = self.used[window].cpu().numpy()
+                continue
+            if status[p] == 1:
+                unmarked.append(p)
+                self.kept.append(int(window[p]))
+            p += 1
+        if unmarked:
+            self.scan(window[unmarked], window[:0])
+        self.bank = torch.cat([self.bank, q[torch.from_numpy(status == 1).to(q.device)]])
 
-    def evaluate(self, window, q, positions: np.ndarray, hit_used: dict, members: dict) -> None:
-        """Record the facts of window rows at positions [k] (a prefix of them, within the pair cap) in the dicts."""
-        pos = torch.from_numpy(positions)
-        hit, lists, n_done = self.neighbourhoods(window[pos], q[pos.to(q.device)])
-        for k in range(n_done):
-            hit_used[int(pos[k])] = bool(hit[k])
-            members[int(pos[k])] = lists[k]
-
-    def neighbourhoods(self, cand: torch.Tensor, qc: torch.Tensor):
-        """Similarity pass of rows cand [m] (unit rows qc [m, d]) against all valid rows, in column blocks.
-
-        Returns hit_used [m'] bool (a neighbour is already used), members: m' tensors of neighbours among the unused rows,
-        and m' ≤ m, the evaluated prefix kept within the ``max_pairs`` cap.
-        """
-        pool, m = self.pool, cand.numel()
-        used_col = self.used[pool.idx.cpu()]
-        hit_used = torch.zeros(m, dtype=torch.bool)
-        rs, gs, n_pairs = [], [], 0
-        for s in range(0, pool.idx.numel(), self.cfg.block):
-            e = min(s + self.cfg.block, pool.idx.numel())
-            sims = (pool.block32(s, e) @ qc[:m].T) * pool.inv[s:e, None]  # [b, m]: this orientation is the faster one
-            c, r = torch.nonzero(sims > self.theta - self.delta, as_tuple=True)
-            r, c, sim = r.cpu(), c.cpu(), sims[c, r].cpu()
-            g = pool.idx[s:e].cpu()[c]
-            hit = self.decide(sim, cand[r], g)
-            r, g, on_used = r[hit], g[hit], used_col[s:e][c[hit]]
-            hit_used[r[on_used]] = True
-            rs.append(r[~on_used])
-            gs.append(g[~on_used])
-            n_pairs += int((~on_used).sum())
-            if n_pairs > self.cfg.max_pairs and m > 1:  # keep the prefix of rows whose lists fit
-                counts = torch.bincount(torch.cat(rs), minlength=m).cumsum(0)
-                m = max(1, int((counts <= self.cfg.max_pairs).sum()))
-                rs, gs = [x[x < m] for x in rs], [y[x < m] for x, y in zip(rs, gs)]
-                n_pairs = sum(x.numel() for x in rs)
-        r, g = torch.cat(rs), torch.cat(gs)
-        order = torch.argsort(r, stable=True)
-        members = torch.split(g[order], torch.bincount(r, minlength=m).tolist())
-        return hit_used[:m], members, m
+    def scan(self, mark: torch.Tensor, todo: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """One pass over all rows in column blocks: mark the neighbourhoods of kept rows mark [k] used, then evaluate
+        rows todo [e] (pool positions). Returns hit_used [e] bool (a neighbour is used, the marks included) and
+        overlap [e, e] bool (the two rows' neighbourhoods share a row)."""
+        k, e = mark.numel(), todo.numel()
+        rows = torch.cat([mark, todo])
+        q = self.unit[rows]
+        hit_used = torch.zeros(e, dtype=torch.bool, device=q.device)
+        overlap = torch.zeros(e, e, device=q.device)
+        for s in range(0, self.unit.shape[0], self.cfg.block):
+            stop = min(s + self.cfg.block, self.unit.shape[0])
+            sims = self.unit[s:stop] @ q.T  # [b, k + e]: this orientation is the faster one
+            hit = self.at_least(sims, torch.arange(s, stop, device=q.device), rows)
+            if k:
+                self.used[s:stop] |= hit[:, :k].any(dim=1)
+            if e:
+                members = hit[:, k:]
+                hit_used |= (members & self.used[s:stop, None]).any(dim=0)
+                if e > 1:
+                    f = members.float()
+                    overlap += f.T @ f  # counts of shared rows; only > 0 matters, which float32 sums keep
+        return hit_used.cpu().numpy(), (overlap > 0).cpu().numpy()
 
 
 def principal_scene_components(features, cfg: PSCConfig, device=None) -> PSCResult:
     """Principal scene components of raw features [N, d] (torch tensor, numpy array or float16 memmap).
 
     device: where the similarity work runs (default: the tensor's device, CPU for numpy input).
-    Returns PSCResult(components [t, d] float32 raw rows, indices [t] int64 ascending, n_input N, reduction_ratio N / t).
+    Returns PSCResult(components [t, d] raw rows, indices [t] int64 ascending, n_input N, reduction_ratio N / t).
     """
     rows = _Rows(features)
     device = torch.device(device) if device is not None else rows.device
     with _full_fp32_matmul(), torch.no_grad():
-        indices = _Greedy(rows, cfg, device).run()
-    components = rows.gather(indices).float()
+        greedy = _Greedy(rows, cfg, device)
+        indices = greedy.idx[greedy.run()]
+    components = rows.gather(indices)
+    components = components.double() if rows.dtype == torch.float64 else components.float()
     t = indices.numel()
     return PSCResult(components, indices, rows.n, rows.n / t if t else float("inf"))
