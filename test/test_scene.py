@@ -1,4 +1,4 @@
-"""Scene directory format, COLMAP text models and point initialisation (m3_memory.core.scene)."""
+"""Scene directory format and point initialisation (m3_memory.core.scene); COLMAP import: test_colmap.py."""
 
 from __future__ import annotations
 
@@ -15,18 +15,20 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy.spatial.transform import Rotation
-from transforms3d.quaternions import mat2quat
 
-from m3_memory.core.geometry import interpolate_pose_at, invert_pose, look_at_opencv, make_pose
+from m3_memory.core.geometry import backproject_pixels, interpolate_pose_at, look_at_opencv, make_pose
 from m3_memory.core.scene import (
     INDEX_FILE,
+    POINTS_FILE,
     Scene,
     SceneError,
     SceneMeta,
+    ScenePoints,
     SceneWriter,
     init_points_from_colmap,
     init_points_from_depth,
-    load_colmap_text,
+    initial_points,
+    write_points,
 )
 
 H, W = 12, 16
@@ -193,64 +195,36 @@ def test_killed_writer_leaves_a_loadable_scene(tmp_path):
     assert scene.depths().shape == (len(scene), 12, 16)
 
 
-def _write_colmap(root: Path, poses: list[np.ndarray], points: np.ndarray) -> None:
-    """A small COLMAP text model of `poses` (camera-to-world) and `points: [P, 3]`, plus its images."""
-    sparse = root / "sparse" / "0"
-    sparse.mkdir(parents=True)
-    (root / "images").mkdir()
-    (sparse / "cameras.txt").write_text(
-        "# Camera list with one line of data per camera:\n"
-        f"1 PINHOLE {W} {H} 20 21 7.5 5.5\n2 SIMPLE_PINHOLE {W} {H} 19 8 6\n"
-    )
-    lines = ["# Image list with two lines of data per image:"]
-    for i, c2w in enumerate(poses):
-        w2c = invert_pose(c2w)
-        q = mat2quat(w2c[:3, :3])  # (w, x, y, z)
-        t = w2c[:3, 3]
-        name = f"img_{len(poses) - i:02d}.png"  # reverse order: the loader must sort by name
-        numbers = " ".join(repr(float(v)) for v in (*q, *t))
-        lines.append(f"{i + 1} {numbers} {1 + i % 2} {name}")
-        lines.append("" if i == 0 else "12.5 3.5 1 -1 -1 -1")  # an empty 2D-point line must not shift parsing
-        Image.fromarray(_rgb(i)).save(root / "images" / name)
-    (sparse / "images.txt").write_text("\n".join(lines) + "\n")
-    rows = [f"{j + 1} {x} {y} {z} {10 * j} 20 30 0.5 1 0 2 0" for j, (x, y, z) in enumerate(points)]
-    (sparse / "points3D.txt").write_text("# 3D point list\n" + "\n".join(rows) + "\n")
-
-
-def test_colmap_text_model(tmp_path):
-    poses = [_pose(i) for i in range(4)]
-    points = np.random.default_rng(0).normal(size=(5, 3))
-    _write_colmap(tmp_path, poses, points)
-    model = load_colmap_text(tmp_path / "sparse" / "0")
-    assert [im.name for im in model.images] == ["img_01.png", "img_02.png", "img_03.png", "img_04.png"]
-    by_name = {im.name: im for im in model.images}
-    for i, c2w in enumerate(poses):
-        np.testing.assert_allclose(by_name[f"img_{4 - i:02d}.png"].c2w, c2w, atol=1e-12)
-    np.testing.assert_allclose(model.xyz, points)
-    assert model.rgb[:, 0].tolist() == [0, 10, 20, 30, 40]
-
-    scene = Scene.from_colmap(tmp_path)
-    assert len(scene) == 4 and scene.world_frame == "colmap"
-    np.testing.assert_allclose(scene.c2w[0], poses[3], atol=1e-12)
-    np.testing.assert_allclose(scene.Ks[3], [[20, 0, 7.5], [0, 21, 5.5], [0, 0, 1]])  # img_04 is camera 1
-    np.testing.assert_allclose(scene.Ks[2], [[19, 0, 8], [0, 19, 6], [0, 0, 1]])
-    np.testing.assert_array_equal(scene.image(0), _rgb(3))
-
-    xyz, rgb = init_points_from_colmap(model)
-    assert xyz.shape == (5, 3) and xyz.dtype == np.float32 and rgb.max() <= 1.0
-    np.testing.assert_allclose(rgb[2], [20 / 255, 20 / 255, 30 / 255], rtol=1e-6)
-    assert init_points_from_colmap(model, max_points=2)[0].shape == (2, 3)
-
-
-def test_colmap_errors(tmp_path):
-    _write_colmap(tmp_path, [_pose(0)], np.zeros((1, 3)))
-    cameras = tmp_path / "sparse" / "0" / "cameras.txt"
-    cameras.write_text(f"1 OPENCV {W} {H} 20 20 7.5 5.5 0.1 0 0 0\n")
-    with pytest.raises(SceneError, match="image_undistorter"):
-        Scene.from_colmap(tmp_path)
-    cameras.unlink()
-    with pytest.raises(SceneError, match="cameras.txt missing"):
-        load_colmap_text(tmp_path / "sparse" / "0")
+def test_points_file_round_trips_and_feeds_colmap_init(tmp_path):
+    _write(tmp_path, 2)
+    scene = Scene.load(tmp_path)
+    assert scene.points() is None
+    with pytest.raises(SceneError, match="no points3D.npz"):
+        initial_points(scene, "colmap")
+    xyz = np.random.default_rng(0).normal(size=(5, 3))
+    rgb = np.arange(15, dtype=np.uint8).reshape(5, 3) * 10
+    write_points(tmp_path, ScenePoints(xyz, rgb))
+    points = Scene.load(tmp_path).points()
+    np.testing.assert_array_equal(points.xyz, xyz)
+    np.testing.assert_array_equal(points.rgb, rgb)
+    init_xyz, init_rgb = initial_points(scene, "colmap")
+    assert init_xyz.dtype == np.float32 and init_xyz.shape == (5, 3)
+    np.testing.assert_allclose(init_rgb, rgb / 255.0, rtol=1e-6)
+    assert init_points_from_colmap(scene, max_points=2)[0].shape == (2, 3)
+    # depth init still works beside the points file, and an unknown method is named in the error
+    assert initial_points(scene, "depth", stride=4, max_points=None)[0].shape == (2 * 3 * 4, 3)
+    with pytest.raises(SceneError, match="init must be one of"):
+        initial_points(scene, "lidar")
+    write_points(tmp_path, ScenePoints(np.zeros((0, 3)), np.zeros((0, 3), np.uint8)))
+    with pytest.raises(SceneError, match="no 3D points"):
+        initial_points(scene, "colmap")
+    (tmp_path / POINTS_FILE).write_bytes(b"not an npz")
+    with pytest.raises(SceneError, match="unreadable"):
+        scene.points()
+    with pytest.raises(SceneError, match="uint8"):
+        ScenePoints(xyz, rgb.astype(np.float32))
+    with pytest.raises(SceneError, match="NaN"):
+        ScenePoints(np.full((1, 3), np.nan), np.zeros((1, 3), np.uint8))
 
 
 def test_init_points_from_depth_lands_on_plane(tmp_path):
@@ -262,9 +236,13 @@ def test_init_points_from_depth_lands_on_plane(tmp_path):
     xyz, rgb = init_points_from_depth(scene, stride=1, max_points=None)
     assert xyz.shape == (H * W, 3) and rgb.shape == (H * W, 3)
     np.testing.assert_allclose(xyz[:, 2], 0.0, atol=1e-6)
-    # Without subsampling points come in row-major pixel order; pixel (u=7, v=5) is half a pixel up-left of the
-    # principal point: camera (-0.05, -0.05, 2) m, i.e. world x - 0.05 and (camera y = -world y) world y + 0.05.
-    np.testing.assert_allclose(xyz[5 * W + 7], [0.25, -0.15, 0.0], atol=1e-6)
+    # Without subsampling points come in row-major pixel order. Pixel centres are at u + 0.5: pixel (u=7, v=5) has its
+    # centre on the principal point (7.5, 5.5), straight below the camera; pixel (9, 5) is 2 px right: camera x
+    # 2 / 20 * 2 m = 0.2 m, which is world x + 0.2 (the camera is turned about x only).
+    np.testing.assert_allclose(xyz[5 * W + 7], [0.3, -0.2, 0.0], atol=1e-6)
+    np.testing.assert_allclose(xyz[5 * W + 9], [0.5, -0.2, 0.0], atol=1e-6)
+    np.testing.assert_allclose(backproject_pixels(np.array([0]), np.array([0]), np.array([2.0]), K, c2w),
+                               [[0.3 - 0.7, -0.2 + 0.5, 0.0]], atol=1e-12)
     np.testing.assert_allclose(rgb[5 * W + 7], _rgb(0)[5, 7] / 255.0, rtol=1e-6)
     assert init_points_from_depth(scene, stride=2, max_points=None)[0].shape == (H * W // 4, 3)
     assert init_points_from_depth(scene, stride=1, max_points=50)[0].shape == (50, 3)

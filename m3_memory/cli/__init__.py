@@ -13,6 +13,7 @@ VERB_MODULES = (
     "m3_memory.cli.query",
     "m3_memory.cli.view",
     "m3_memory.cli.export",
+    "m3_memory.cli.colmap",
     "m3_memory.cli.eval",
     "m3_memory.ros.locate_cli",
     "m3_memory.ros.bag_play",
@@ -21,7 +22,13 @@ VERB_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
     parser = argparse.ArgumentParser(prog="m3", description="m3-memory: 3D spatial multimodal memory for robots")
+    try:
+        parser.add_argument("--version", action="version", version=f"m3-memory {version('m3_memory')}")
+    except PackageNotFoundError:   # run from a source tree that was never installed
+        parser.add_argument("--version", action="version", version="m3-memory (not installed)")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for name in VERB_MODULES:
         importlib.import_module(name).register(verbs)

@@ -10,6 +10,7 @@ from scipy import ndimage
 from torch import Tensor
 
 from m3_memory.core.errors import QueryError
+from m3_memory.core.geometry import backproject_pixels
 
 # CLIP's text encoder reads 77 tokens; a phrase far past this many characters is a mistake, not a query.
 DEFAULT_MAX_QUERY_CHARS = 256
@@ -115,9 +116,7 @@ def select_region(score: np.ndarray, valid: np.ndarray, method: str) -> np.ndarr
 def backproject(mask: np.ndarray, depth: np.ndarray, K: np.ndarray, c2w: np.ndarray) -> np.ndarray:
     """World points `[P, 3]` of the `mask: [H, W]` pixels with positive `depth: [H, W]` (metres)."""
     vs, us = np.nonzero(mask & (depth > 0))
-    z = depth[vs, us]
-    cam = np.stack([(us + 0.5 - K[0, 2]) * z / K[0, 0], (vs + 0.5 - K[1, 2]) * z / K[1, 1], z], axis=1)
-    return cam @ c2w[:3, :3].T + c2w[:3, 3]
+    return backproject_pixels(us, vs, depth[vs, us], K, c2w)
 
 
 def grasp_pose(points: np.ndarray, camera_center: np.ndarray, mode: str = "normal") -> np.ndarray:

@@ -21,7 +21,7 @@ from m3_memory.core.errors import M3Error
 from m3_memory.core.gaussians import GaussianConfig, GaussianModel
 from m3_memory.core.losses import feature_loss, psnr, rgb_loss
 from m3_memory.core.memory import MemoryAttention, PSCConfig, principal_scene_components
-from m3_memory.core.scene import Scene, init_points_from_depth
+from m3_memory.core.scene import INIT_METHODS, Scene, initial_points
 from m3_memory.core.views import TrainingViews
 
 
@@ -69,6 +69,7 @@ class TrainConfig:
     feature_weight: float = 0.5
     feature_samples: int = 2000             # pixels per view per model in the feature loss
     psc_pixel_stride: int = 2               # every k-th feature-map cell (both axes) of every view feeds Algorithm 1
+    init: str = "depth"                     # initial Gaussians: "depth" (back-projected) | "colmap" (points3D)
     init_stride: int = 4                    # back-projected depth pixels for the initial Gaussians
     init_max_points: int = 30_000
     holdout_every: int = 0                  # > 0: views 0, k, 2k, ... are held out for evaluation (LLFF convention)
@@ -94,6 +95,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least {minimum}, got {getattr(self, name)}")
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
+        if self.init not in INIT_METHODS:
+            raise ConfigError(f"init must be one of {INIT_METHODS}, got {self.init!r}")
         resolve_device(self.device)
 
 
@@ -279,8 +282,8 @@ def train(scene: Scene, features: dict[str, ViewFeatures], config: TrainConfig, 
         if start >= config.iterations:
             raise M3Error(f"{resume} is already trained for {start} iterations; ask for more than {start} to resume")
     else:
-        xyz, rgb = init_points_from_depth(scene, stride=config.init_stride, max_points=config.init_max_points,
-                                          seed=config.seed, views=train_views)
+        xyz, rgb = initial_points(scene, config.init, stride=config.init_stride,
+                                  max_points=config.init_max_points, seed=config.seed, views=train_views)
         model = GaussianModel.from_points(xyz, rgb, {name: config.query_dim for name in features}, config.gaussians,
                                           seed=config.seed).to(device)
         if decoders is None:

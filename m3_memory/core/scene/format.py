@@ -1,4 +1,4 @@
-"""Captured-scene dataset: the directory format the recorder writes and the trainer reads, plus COLMAP text models.
+"""The scene directory format: what the recorder and `m3 import-colmap` write and the trainer reads.
 
 Scene directory layout (format version 1)::
 
@@ -7,11 +7,15 @@ Scene directory layout (format version 1)::
                     {"id", "timestamp_ns", "rgb", "depth" (or null), "K" [3][3], "c2w" [4][4]}
     rgb/<id>.png    uint8 RGB
     depth/<id>.png  uint16 depth in units of `depth_scale` metres (RealSense aligned-depth style, 0 = no depth)
+    points3D.npz    optional initial points (a COLMAP import's points3D): "xyz" [P, 3] float64 world, "rgb" [P, 3] uint8
 
-Poses are camera-to-world 4x4 matrices in the OpenCV camera convention (x right, y down, z forward), the world
-being the frame named `world_frame`. The writer is crash-safe: image files are written to a temporary name and
-renamed, then one index line is appended and fsynced, so a killed writer leaves a loadable scene of every completed
-frame (a torn last line is dropped with a warning on load). Arrays returned here are numpy.
+A frame without depth has `"depth": null`: a COLMAP import has none (its scale is arbitrary unless aligned to the
+robot's poses), so such a scene trains with `init: colmap` from `points3D.npz`. Poses are camera-to-world 4x4 matrices
+in the OpenCV camera convention (x right, y down, z forward), the world being the frame named `world_frame`; K follows
+the pixel convention of `m3_memory.core.geometry.backproject_pixels`. The writer is crash-safe: image files are
+written to a temporary name and renamed, then one index line is appended and fsynced, so a killed writer leaves a
+loadable scene of every completed frame (a torn last line is dropped with a warning on load). Arrays returned here
+are numpy.
 """
 
 from __future__ import annotations
@@ -25,14 +29,14 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from transforms3d.quaternions import quat2mat
 
 from m3_memory.core.atomic import write_atomic
-from m3_memory.core.geometry import invert_pose, is_rigid, make_pose
+from m3_memory.core.geometry import is_rigid
 
 SCENE_FORMAT_VERSION = 1
 META_FILE = "scene.json"
 INDEX_FILE = "frames.jsonl"
+POINTS_FILE = "points3D.npz"
 _FRAME_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -180,6 +184,29 @@ def _read_index(path: Path) -> tuple[list[dict], int]:
     return entries, len(body) + len(newline)
 
 
+@dataclass
+class ScenePoints:
+    """Initial points of a scene: `xyz: [P, 3]` float64 in the world frame, `rgb: [P, 3]` uint8."""
+
+    xyz: np.ndarray
+    rgb: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.xyz = np.asarray(self.xyz, dtype=np.float64)
+        self.rgb = np.asarray(self.rgb)
+        if self.xyz.ndim != 2 or self.xyz.shape[1] != 3 or self.rgb.shape != self.xyz.shape:
+            raise SceneError(f"points need xyz [P, 3] and rgb [P, 3], got {self.xyz.shape} and {self.rgb.shape}")
+        if self.rgb.dtype != np.uint8:
+            raise SceneError(f"point colours must be uint8, got {self.rgb.dtype}")
+        if not np.all(np.isfinite(self.xyz)):
+            raise SceneError("points have NaN/inf coordinates")
+
+
+def write_points(root: str | Path, points: ScenePoints) -> Path:
+    """Write `points` as the scene's `points3D.npz` (atomically)."""
+    return write_atomic(Path(root) / POINTS_FILE, lambda handle: np.savez(handle, xyz=points.xyz, rgb=points.rgb))
+
+
 class SceneWriter:
     """Crash-safe, append-only writer of a scene directory.
 
@@ -279,36 +306,6 @@ class Scene:
         scene.validate()
         return scene
 
-    @classmethod
-    def from_colmap(
-        cls, root: str | Path, model_dir: str = "sparse/0", images_dir: str = "images", world_frame: str = "colmap"
-    ) -> "Scene":
-        """Scene of a COLMAP dataset `root/{images_dir, model_dir}` (text model, undistorted PINHOLE cameras).
-
-        Frames are ordered by image name; timestamps are the frame indices (COLMAP carries no times).
-        """
-        root = Path(root)
-        model = load_colmap_text(root / model_dir)
-        sizes = {(cam.width, cam.height) for cam in model.cameras.values()}
-        if len(sizes) != 1:
-            raise SceneError(f"COLMAP cameras have different image sizes {sorted(sizes)}: resize to one size first")
-        ((width, height),) = sizes
-        frames = [
-            Frame(
-                Path(image.name).stem,
-                i,
-                f"{images_dir}/{image.name}",
-                None,
-                colmap_intrinsics(model.cameras[image.camera_id]),
-                image.c2w,
-            )
-            for i, image in enumerate(model.images)
-        ]
-        meta = SceneMeta(width=width, height=height, K=frames[0].K if frames else np.eye(3), world_frame=world_frame)
-        scene = cls(root, meta, frames)
-        scene.validate()
-        return scene
-
     def validate(self) -> None:
         if not self.frames:
             raise SceneError(f"{self.root}: scene has no frames (no posed images); record at least one posed frame")
@@ -374,149 +371,13 @@ class Scene:
             return None
         return np.stack([self.depth(i) for i in range(len(self))])
 
-
-# ---------------------------------------------------------------------------------------------------------- COLMAP
-
-
-@dataclass
-class ColmapCamera:
-    camera_id: int
-    model: str
-    width: int
-    height: int
-    params: np.ndarray  # [k] model parameters as COLMAP orders them
-
-
-@dataclass
-class ColmapImage:
-    image_id: int
-    camera_id: int
-    name: str
-    c2w: np.ndarray  # [4, 4] camera-to-world (COLMAP stores world-to-camera; OpenCV camera convention)
-
-
-@dataclass
-class ColmapModel:
-    """A COLMAP sparse model. `xyz: [P, 3]` float64, `rgb: [P, 3]` uint8, `errors: [P]` reprojection errors."""
-
-    cameras: dict[int, ColmapCamera]
-    images: list[ColmapImage]
-    xyz: np.ndarray
-    rgb: np.ndarray
-    errors: np.ndarray
-
-
-def _colmap_lines(path: Path) -> list[str]:
-    if not path.exists():
-        raise SceneError(
-            f"COLMAP text model incomplete: {path} missing (export with `colmap model_converter --output_type TXT`)"
-        )
-    return [line.rstrip("\n") for line in path.read_text().splitlines() if not line.startswith("#")]
-
-
-def load_colmap_text(model_dir: str | Path) -> ColmapModel:
-    """Read `cameras.txt`, `images.txt`, `points3D.txt` of a COLMAP text model directory."""
-    model_dir = Path(model_dir)
-    try:
-        return _parse_colmap_text(model_dir)
-    except (ValueError, IndexError) as exc:
-        if isinstance(exc, SceneError):
-            raise
-        raise SceneError(
-            f"{model_dir}: malformed COLMAP text model ({exc}); re-export it with model_converter"
-        ) from exc
-
-
-def _parse_colmap_text(model_dir: Path) -> ColmapModel:
-    cameras = {}
-    for line in _colmap_lines(model_dir / "cameras.txt"):
-        if not line.strip():
-            continue
-        cam_id, model, width, height, *params = line.split()
-        cameras[int(cam_id)] = ColmapCamera(
-            int(cam_id), model, int(width), int(height), np.array(params, dtype=np.float64)
-        )
-    image_lines = _colmap_lines(model_dir / "images.txt")
-    images = []
-    # Each image takes two lines; the second (its 2D points) may be empty, so blank lines cannot simply be skipped.
-    for header in image_lines[0::2]:
-        if not header.strip():
-            continue
-        fields = header.split()
-        if len(fields) < 10:
-            raise SceneError(f"{model_dir / 'images.txt'}: image line needs 10 fields, got {header!r}")
-        qvec, tvec = np.array(fields[1:5], dtype=np.float64), np.array(fields[5:8], dtype=np.float64)
-        w2c = make_pose(quat2mat(qvec), tvec)  # COLMAP quaternions are (w, x, y, z), as transforms3d expects
-        image = ColmapImage(int(fields[0]), int(fields[8]), " ".join(fields[9:]), invert_pose(w2c))
-        if image.camera_id not in cameras:
-            raise SceneError(f"COLMAP image {image.name} refers to camera {image.camera_id} missing from cameras.txt")
-        images.append(image)
-    images.sort(key=lambda image: image.name)
-    rows = [line.split() for line in _colmap_lines(model_dir / "points3D.txt") if line.strip()]
-    xyz = np.array([row[1:4] for row in rows], dtype=np.float64).reshape(-1, 3)
-    rgb = np.array([row[4:7] for row in rows], dtype=np.uint8).reshape(-1, 3)
-    errors = np.array([row[7] for row in rows], dtype=np.float64)
-    return ColmapModel(cameras, images, xyz, rgb, errors)
-
-
-def colmap_intrinsics(camera: ColmapCamera) -> np.ndarray:
-    """`K: [3, 3]` of an undistorted COLMAP camera (SIMPLE_PINHOLE or PINHOLE)."""
-    if camera.model == "SIMPLE_PINHOLE":
-        f, cx, cy = camera.params
-        fx = fy = f
-    elif camera.model == "PINHOLE":
-        fx, fy, cx, cy = camera.params
-    else:
-        raise SceneError(
-            f"COLMAP camera {camera.camera_id} has model {camera.model}; undistort first "
-            "(`colmap image_undistorter`) so cameras are PINHOLE/SIMPLE_PINHOLE"
-        )
-    return np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
-
-
-# ------------------------------------------------------------------------------------------- Gaussian initialisation
-
-
-def _subsample(xyz: np.ndarray, rgb: np.ndarray, max_points: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    if max_points is not None and len(xyz) > max_points:
-        keep = np.sort(np.random.default_rng(seed).choice(len(xyz), size=max_points, replace=False))
-        xyz, rgb = xyz[keep], rgb[keep]
-    return xyz.astype(np.float32), rgb.astype(np.float32)
-
-
-def init_points_from_colmap(
-    model: ColmapModel, max_points: int | None = None, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Initial Gaussian centres from COLMAP points3D: `(xyz: [P, 3] float32, rgb: [P, 3] float32 in [0, 1])`."""
-    if len(model.xyz) == 0:
-        raise SceneError("COLMAP model has no 3D points; initialise from depth or run triangulation first")
-    return _subsample(model.xyz, model.rgb / 255.0, max_points, seed)
-
-
-def init_points_from_depth(
-    scene: Scene, stride: int = 4, max_points: int | None = 200_000, seed: int = 0, views=None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Back-project every `stride`-th pixel with valid depth of every frame (or of the frame indices `views`) into
-    the world frame.
-
-    Returns `(xyz: [P, 3] float32 world metres, rgb: [P, 3] float32 in [0, 1])`, randomly subsampled (seeded) to
-    `max_points`.
-    """
-    if stride < 1:
-        raise SceneError(f"stride must be >= 1, got {stride}")
-    all_xyz, all_rgb = [], []
-    for i in range(len(scene.frames)) if views is None else views:
-        frame, depth = scene.frames[i], scene.depth(i)
-        if depth is None:
-            continue
-        depth = depth[::stride, ::stride]
-        v, u = np.nonzero(depth > 0)
-        z = depth[v, u].astype(np.float64)
-        u, v = u * stride, v * stride
-        K = frame.K
-        cam = np.stack([(u - K[0, 2]) / K[0, 0] * z, (v - K[1, 2]) / K[1, 1] * z, z], axis=1)
-        all_xyz.append(cam @ frame.c2w[:3, :3].T + frame.c2w[:3, 3])
-        all_rgb.append(scene.image(i)[v, u] / 255.0)
-    if not all_xyz or sum(len(x) for x in all_xyz) == 0:
-        raise SceneError(f"{scene.root}: no frame has valid depth; initialise from a COLMAP model instead")
-    return _subsample(np.concatenate(all_xyz), np.concatenate(all_rgb), max_points, seed)
+    def points(self) -> ScenePoints | None:
+        """The scene's `points3D.npz`, or None when it has none (a recorded scene: its points come from depth)."""
+        path = self.root / POINTS_FILE
+        if not path.exists():
+            return None
+        try:
+            with np.load(path) as data:
+                return ScenePoints(data["xyz"], data["rgb"])
+        except (OSError, KeyError, ValueError) as exc:
+            raise SceneError(f"{path} unreadable ({exc}); re-import the scene (`m3 import-colmap`)") from exc
