@@ -66,6 +66,24 @@ def ros_node():
     rclpy.try_shutdown()
 
 
+@pytest.fixture(scope="session")
+def tiny_memory(tmp_path_factory):
+    """A copy of the tiny scene with a 200-iteration m3-tinyvlm memory in it: `(scene root, memory path, memory)`."""
+    import shutil
+
+    from m3_memory.core.pipeline import load_train_config, scene_features
+    from m3_memory.core.scene import Scene
+    from m3_memory.core.trainer import train
+    from m3_memory.sim import demo_scene
+
+    root = tmp_path_factory.mktemp("memory") / "tiny"
+    shutil.copytree(demo_scene("tiny"), root, ignore=shutil.ignore_patterns("bag", "previews"))
+    scene = Scene.load(root)
+    config = load_train_config(None, {"iterations": 200, "densify": {"refine_start_iter": 100, "refine_every": 50}})
+    memory = train(scene, scene_features(scene, root, ["m3-tinyvlm"]), config, root / "memory.pt")
+    return root, root / "memory.pt", memory
+
+
 @pytest.fixture(scope="module")
 def memory_server():
     with node_process("m3_memory_server") as process:

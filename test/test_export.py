@@ -2,7 +2,6 @@
 layout with the checkpoint's values, its semantic and query variants, the point cloud for PointCloud2, and the overlay
 picture of a query marks pixels inside the object's ground-truth mask."""
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -15,22 +14,15 @@ from m3_memory.core.engine import QueryEngine
 from m3_memory.core.export import export_ply, point_cloud, relevancy_colours, semantic_colours
 from m3_memory.core.gaussians import rgb_to_sh0
 from m3_memory.core.pictures import OUTLINE_RGB, save_answer_pictures
-from m3_memory.core.pipeline import load_train_config, scene_features
 from m3_memory.core.scene import Scene
-from m3_memory.core.trainer import train
 from m3_memory.core.views import render_memory
-from m3_memory.sim import demo_scene
 
 PHRASE = "yellow bath duck"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export") / "tiny"
-    shutil.copytree(demo_scene("tiny"), root, ignore=shutil.ignore_patterns("bag", "previews"))
-    scene = Scene.load(root)
-    config = load_train_config(None, {"iterations": 200, "densify": {"refine_start_iter": 100, "refine_every": 50}})
-    memory = train(scene, scene_features(scene, root, ["m3-tinyvlm"]), config, root / "memory.pt")
+def tiny(tiny_memory):
+    root, _, memory = tiny_memory
     return root, memory, QueryEngine(memory)
 
 

@@ -5,9 +5,7 @@ kept as artifacts ($M3_TEST_ARTIFACTS, else a pytest temporary folder; the path 
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -15,11 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import VENV_BIN, wait_for
-from m3_memory.core.pipeline import load_train_config, scene_features
-from m3_memory.core.scene import Scene
-from m3_memory.core.trainer import train
-from m3_memory.sim import demo_scene
+from conftest import node_process, wait_for
 from m3_memory.viewer import HIGHLIGHT_RGB, Viewer
 
 PHRASE = "yellow bath duck"
@@ -27,14 +21,10 @@ FOV = 0.8   # radians, vertical: the browser camera the test places
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("view") / "tiny"
-    shutil.copytree(demo_scene("tiny"), root, ignore=shutil.ignore_patterns("bag", "previews"))
-    scene = Scene.load(root)
-    config = load_train_config(None, {"iterations": 200, "densify": {"refine_start_iter": 100, "refine_every": 50}})
-    memory = train(scene, scene_features(scene, root, ["m3-tinyvlm"]), config, root / "memory.pt")
+def tiny(tiny_memory):
+    root, path, memory = tiny_memory
     objects = json.loads((root / "objects.json").read_text())["objects"]
-    return root / "memory.pt", memory, {obj["name"]: np.asarray(obj["center"]) for obj in objects}
+    return path, memory, {obj["name"]: np.asarray(obj["center"]) for obj in objects}
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +44,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def served(tiny):
     """`m3 view` in its own process; yields its URL once it printed it."""
-    process = subprocess.Popen([str(VENV_BIN / "m3"), "view", str(tiny[0]), "--port", str(free_port())],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    with node_process("m3", "view", str(tiny[0]), "--port", str(free_port())) as process:
         lines = []
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
@@ -66,13 +54,6 @@ def served(tiny):
                 break
         assert lines and lines[-1].startswith("{"), f"m3 view printed no URL:\n{''.join(lines)}"
         yield json.loads(lines[-1])["url"]
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")
