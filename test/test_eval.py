@@ -27,7 +27,7 @@ from m3_memory.core.losses import psnr
 from m3_memory.core.memory import FeatureDecoder
 from m3_memory.core.scene import Scene
 from m3_memory.core.trainer import train
-from m3_memory.core.views import Camera, render_memory
+from m3_memory.core.views import Camera
 from m3_memory.sim import demo_scene
 
 HOLDOUT_EVERY = 4   # the tiny scene's 6 views: 0 and 4 held out, 1, 2, 3, 5 trained on
@@ -185,8 +185,8 @@ def test_distillation_baseline_trains_saves_loads_and_evaluates(distilled, tiny)
     gaussian_params = sum(p.numel() for p in loaded.gaussians.parameters())
     assert loaded.num_parameters() == gaussian_params + decoder_params == memory.num_parameters()
     camera = Camera(scene.c2w[0], scene.Ks[0], 160, 120)
-    before = render_memory(memory, camera, [MODEL]).features[MODEL]
-    after = render_memory(loaded, camera, [MODEL]).features[MODEL]
+    before = memory.render(camera, [MODEL]).features[MODEL]
+    after = loaded.render(camera, [MODEL]).features[MODEL]
     torch.testing.assert_close(after, before)
 
     report = evaluate(scene, loaded, features)

@@ -15,7 +15,6 @@ from m3_memory.core.export import export_ply, point_cloud, relevancy_colours, se
 from m3_memory.core.gaussians import rgb_to_sh0
 from m3_memory.core.pictures import OUTLINE_RGB, save_answer_pictures
 from m3_memory.core.scene import Scene
-from m3_memory.core.views import render_memory
 
 PHRASE = "yellow bath duck"
 
@@ -88,7 +87,7 @@ def test_overlay_picture_outlines_the_object_inside_its_mask(tiny, tmp_path):
     camera = engine.views.camera(view)
     answer = engine.answer(PHRASE, view=camera)
     assert answer.heatmap is not None and answer.mask.any()
-    path = save_answer_pictures(answer, render_memory(memory, answer.heatmap_camera).rgb, tmp_path, "duck")
+    path = save_answer_pictures(answer, memory.render(answer.heatmap_camera).rgb, tmp_path, "duck")
     picture = np.asarray(Image.open(path).convert("RGB"))
     assert picture.shape[:2] == answer.heatmap.shape
     outline = np.all(picture == OUTLINE_RGB, axis=-1)

@@ -50,12 +50,11 @@ def _query(args) -> int:
 def save_picture(memory, answer, directory: Path) -> str | None:
     """The answer's view rendered, its heatmap over it and the chosen region outlined, as DIR/<phrase>.png."""
     from m3_memory.core.pictures import save_answer_pictures
-    from m3_memory.core.views import render_memory
 
     if answer.heatmap_camera is None:
         return None
     stem = "".join(c if c.isalnum() else "_" for c in answer.query).strip("_")[:60] or "answer"
-    path = save_answer_pictures(answer, render_memory(memory, answer.heatmap_camera).rgb, directory, stem)
+    path = save_answer_pictures(answer, memory.render(answer.heatmap_camera).rgb, directory, stem)
     return None if path is None else str(path)
 
 

@@ -18,6 +18,7 @@ import pickletools
 import struct
 import warnings
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from m3_memory.core.atomic import write_atomic
 from m3_memory.core.errors import M3Error
 from m3_memory.core.gaussians import GaussianModel
 from m3_memory.core.memory import Decoder, FeatureDecoder, MemoryAttention
-from m3_memory.core.views import TrainingViews
+from m3_memory.core.views import Camera, RenderedView, TrainingViews, render_memory
 
 CHECKPOINT_FORMAT = "m3-memory/2"
 PICKLE_FORMAT = "m3-memory/1"   # torch.save pickles of the same payload
@@ -58,6 +59,10 @@ class Memory:
     config: dict = field(default_factory=dict)
     iteration: int = 0
     views: TrainingViews | None = None   # the training cameras
+
+    def render(self, camera: Camera, models: Sequence[str] = ()) -> RenderedView:
+        """Colour, alpha, depth and, per model of `models`, decoded features from `camera` (`views.render_memory`)."""
+        return render_memory(self, camera, models)
 
     @property
     def models(self) -> list[str]:

@@ -1,7 +1,7 @@
 """Pictures of an answer: the rendered colour with the query's heatmap laid over it and the chosen region outlined.
 
 `save_answer_pictures(answer, rendered_rgb, directory, stem)` writes `directory/stem.png` for an `engine.Answer`; the
-caller renders the answer's heatmap view (`views.render_memory(memory, answer.heatmap_camera).rgb`), so a caller that
+caller renders the answer's heatmap view (`memory.render(answer.heatmap_camera).rgb`), so a caller that
 already rendered it (the viewer, the memory server) does not render twice.
 """
 from __future__ import annotations

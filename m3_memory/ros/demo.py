@@ -170,7 +170,7 @@ def answer_picture(checkpoint: str, answer, directory: Path, query: str) -> str 
     DIR/<query>.png; None when the answer has no heatmap."""
     from m3_memory.core.checkpoint import load_memory
     from m3_memory.core.pictures import overlay, save_png
-    from m3_memory.core.views import Camera, render_memory
+    from m3_memory.core.views import Camera
     from m3_memory.ros.conversions import camera_info_K, pose_to_matrix
 
     image = answer.heatmap
@@ -181,7 +181,7 @@ def answer_picture(checkpoint: str, answer, directory: Path, query: str) -> str 
                     image.height)
     heatmap = np.frombuffer(bytes(image.data), dtype=np.float32).reshape(image.height, image.width)
     stem = "".join(c if c.isalnum() else "_" for c in query).strip("_") or "answer"
-    return str(save_png(directory / f"{stem}.png", overlay(render_memory(memory, camera).rgb, heatmap)))
+    return str(save_png(directory / f"{stem}.png", overlay(memory.render(camera).rgb, heatmap)))
 
 
 def ground_truth(scene_dir: Path) -> list[dict]:

@@ -16,7 +16,7 @@ from m3_memory.core.engine import QueryEngine, QueryOptions
 from m3_memory.core.errors import M3Error
 from m3_memory.core.export import gaussian_rgb
 from m3_memory.core.pictures import overlay
-from m3_memory.core.views import TrainingViews, render_memory
+from m3_memory.core.views import TrainingViews
 
 HIGHLIGHT_RGB = (255, 0, 255)   # matching Gaussians: magenta, a colour no demo object has
 TARGET_RGB = (255, 40, 40)
@@ -156,7 +156,7 @@ class Viewer:
             f"{' × '.join(f'{100 * v:.0f}' for v in inst.extent)} cm, score {inst.score:.2f}, "
             f"seen by {inst.views_seen} views" for i, inst in enumerate(answer.instances))
         if answer.heatmap is not None:
-            rgb = render_memory(self.memory, answer.heatmap_camera).rgb
+            rgb = self.memory.render(answer.heatmap_camera).rgb
             self.heatmap.image = overlay(rgb, answer.heatmap, answer.mask)
             self.heatmap.visible = True
 

@@ -38,7 +38,7 @@ from m3_memory.core.errors import QueryError
 from m3_memory.core.losses import psnr, ssim
 from m3_memory.core.query import CANONICAL_NEGATIVES, score_pixels, select_region
 from m3_memory.core.scene import Scene
-from m3_memory.core.views import Camera, render_memory
+from m3_memory.core.views import Camera
 from m3_memory.core.trainer import ViewFeatures, sample_features, training_views
 
 # Plausible tabletop captions naming none of the demo objects (duck, mug, soccer ball, cat, coffee, rocket, ball, cube):
@@ -151,14 +151,14 @@ def evaluate(scene: Scene, memory, features: dict[str, ViewFeatures] | None = No
 
     images = scene.images()
     cameras = {view: Camera(scene.c2w[view], scene.Ks[view], width, height) for view in views}
-    render_memory(memory, cameras[views[0]], memory.models)   # warm-up: not timed
+    memory.render(cameras[views[0]], memory.models)   # warm-up: not timed
     render_ms, psnrs, ssims = [], [], []
     fidelity = {m: [] for m in memory.models if m in features}                     # (cos, l2, rows) per view
     overlaps = {m: [] for m in text_models}                                          # (object j, view, inter, union)
     regions = {m: {"rendered": [], "raw": [], "object": []} for m in text_models}
     for view in views:
         started = time.perf_counter()
-        rendered = render_memory(memory, cameras[view], memory.models)
+        rendered = memory.render(cameras[view], memory.models)
         if device.type == "cuda":
             torch.cuda.synchronize()
         render_ms.append(1e3 * (time.perf_counter() - started))
