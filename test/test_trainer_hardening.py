@@ -163,10 +163,13 @@ def trainer_client(ros_node, roots):
     from m3_msgs.action import Train
 
     scans, memories, _ = roots
+    litter = memories / ".tiny.pt.k3j9x0q2.tmp"   # what a trainer killed during a checkpoint save leaves
+    litter.write_bytes(b"half a checkpoint")
     with node_process("m3_trainer", "--ros-args", "-p", f"scene_roots:=['{scans}']",
                       "-p", f"output_root:={memories}") as process:
         client = ActionClient(ros_node, Train, "m3/train")
         assert client.wait_for_server(timeout_sec=30), "no /m3/train"
+        assert not litter.exists()                            # removed when the trainer started
         yield client
         assert process.poll() is None, "the trainer exited"
 

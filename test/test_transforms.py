@@ -4,7 +4,8 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from m3_memory.core.geometry import make_pose
-from m3_memory.core.recording import KeyframeConfig, KeyframeSelector, sharpness
+from m3_memory.core.recording import (FrameError, KeyframeConfig, KeyframeSelector, check_intrinsics, missing_frames,
+                                      sharpness)
 from m3_memory.core.transforms import TransformBuffer, TransformError
 
 SECOND = 10**9
@@ -75,7 +76,7 @@ def test_covers_says_when_waiting_is_over():
 
 
 def test_out_of_order_samples_and_reparenting():
-    buffer = TransformBuffer(max_gap_ns=3 * SECOND)
+    buffer = TransformBuffer(max_gap_ns=3 * SECOND, jump_back_ns=5 * SECOND)
     buffer.set_transform("world", "lidar", 2 * SECOND, pose(20.0))
     buffer.set_transform("world", "lidar", 0, pose(0.0))
     np.testing.assert_allclose(buffer.lookup("world", "lidar", SECOND), pose(10.0), atol=1e-12)
@@ -85,6 +86,50 @@ def test_out_of_order_samples_and_reparenting():
     np.testing.assert_allclose(buffer.lookup("map", "lidar", 5 * SECOND)[:3, 3], [1.0, 0.0, 0.0])
     with pytest.raises(ValueError):
         buffer.set_transform("a", "a", 0, pose())
+
+
+def test_a_jump_back_in_time_clears_the_sampled_history_but_not_the_static_links():
+    buffer = robot_buffer()
+    assert buffer.set_transform("world", "lidar", SECOND + SECOND // 10, pose()) == 0  # 0.1 s ahead: no jump
+    assert buffer.set_transform("world", "lidar", SECOND - SECOND // 2, pose(4.5)) == 0  # late by less than 1 s
+    # A replay from the start: the first old sample clears every sampled edge (as tf2 does on a jump back).
+    assert buffer.set_transform("world", "lidar", 0, pose()) == SECOND + SECOND // 10
+    with pytest.raises(TransformError) as unlinked:
+        buffer.lookup("world", "camera", 0)
+    assert unlinked.value.reason == "no_path"  # the arm edge has no sample of the new time line yet
+    for k in range(3):
+        buffer.set_transform("arm_base", "ee_link", k * SECOND // 100, pose(0.5 * k, (0.3, 0.0, 0.01 * k)))
+    assert buffer.covers("world", "camera", 0)  # static links survived the clear
+    np.testing.assert_allclose(buffer.lookup("world", "camera", 0), robot_buffer().lookup("world", "camera", 0))
+
+
+@pytest.mark.parametrize("bad", [np.full((4, 4), np.nan), np.diag([2.0, 1.0, 1.0, 1.0]), np.eye(3)])
+def test_non_finite_or_non_rigid_poses_are_refused_and_not_stored(bad):
+    buffer = robot_buffer()
+    with pytest.raises(ValueError, match="not a finite rigid pose"):
+        buffer.set_transform("world", "lidar", 2 * SECOND, bad)
+    assert not buffer.covers("world", "camera", 2 * SECOND)
+    assert np.all(np.isfinite(buffer.lookup("world", "camera", SECOND)))
+
+
+def test_intrinsics_must_fit_the_image():
+    K = np.array([[500.0, 0, 320], [0, 500, 240], [0, 0, 1]])
+    check_intrinsics(K, 640, 480)
+    with pytest.raises(FrameError, match=r"principal point \(320, 240\) lies outside the 64x48") as other:
+        check_intrinsics(K, 64, 48)
+    assert other.value.reason == "bad_camera_info"
+    for bad in (np.zeros((3, 3)), np.full((3, 3), np.nan), np.diag([500.0, -1.0, 1.0])):
+        with pytest.raises(FrameError, match="fx, fy > 0"):
+            check_intrinsics(bad, 640, 480)
+
+
+def test_missing_frames_follow_the_measured_rate():
+    period = SECOND // 15
+    assert missing_frames(np.full(50, period)) == 0  # a steady 15 Hz stream loses nothing, whatever was configured
+    steps = np.full(50, period)
+    steps[[10, 30]] = [2 * period + 3_000_000, 4 * period]  # one, then three frames lost (with jitter)
+    assert missing_frames(steps) == 4
+    assert missing_frames([5 * period, period]) == 0  # too few steps to know the rate
 
 
 def textured(seed=0, size=96):

@@ -1,11 +1,19 @@
-"""Crash-safe file writes: a reader sees the old file or the complete new one, never a torn one."""
+"""Crash-safe file writes: a reader sees the old file or the complete new one, never a torn one.
+
+A writer killed mid-write leaves its temporary file (`.<name>.<8 random>.tmp` beside the target); `remove_stale_temps`
+is what a writer calls when it starts on a folder, to clear what an interrupted predecessor left there.
+"""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+# mkstemp's random part is 8 characters of [a-z0-9_]; matching it exactly leaves other dot-files alone.
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
@@ -24,3 +32,17 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temps(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """Delete the temporary files that interrupted `write_atomic` calls left in `folder` (and, if `recursive`, its
+    subfolders); returns the removed paths. Call it only where no other writer is writing right now."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp"):
+        if _TEMP_NAME.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

@@ -1,4 +1,5 @@
-"""Choosing keyframes from a camera stream: enough motion since the last kept frame, and not blurred."""
+"""Choosing keyframes from a camera stream (enough motion since the last kept frame, not blurred), checking that a
+frame's intrinsics fit its image, and counting the frames a stream lost."""
 from __future__ import annotations
 
 from collections import deque
@@ -6,6 +7,40 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.spatial.transform import Rotation
+
+from m3_memory.core.errors import M3Error
+
+
+class FrameError(M3Error, ValueError):
+    """A camera frame that cannot be recorded; `reason` is the key it is counted under (bad_image, bad_camera_info)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def check_intrinsics(K: np.ndarray, width: int, height: int) -> None:
+    """Raise FrameError unless `K: [3, 3]` is a pinhole matrix (finite, fx, fy > 0, last row 0 0 1) whose principal
+    point lies inside a `width`×`height` image (a CameraInfo of another resolution puts it outside)."""
+    K = np.asarray(K, dtype=np.float64)
+    if K.shape != (3, 3) or not np.all(np.isfinite(K)) or K[0, 0] <= 0 or K[1, 1] <= 0 \
+            or not np.allclose(K[2], [0.0, 0.0, 1.0]):
+        raise FrameError("bad_camera_info", f"CameraInfo K must be a finite pinhole matrix with fx, fy > 0 and last "
+                                            f"row 0 0 1, got {K.ravel().tolist()}")
+    cx, cy = K[0, 2], K[1, 2]
+    if not (0 < cx < width and 0 < cy < height):
+        raise FrameError("bad_camera_info", f"CameraInfo principal point ({cx:g}, {cy:g}) lies outside the "
+                                            f"{width}x{height} image: the CameraInfo is for another resolution")
+
+
+def missing_frames(steps_ns: np.ndarray) -> int:
+    """Frames a stream lost, from the steps between its consecutive stamps `steps_ns: [n]`: each step counts as
+    round(step / median step) periods (the median is the measured frame period; fewer than 3 steps count nothing)."""
+    steps = np.asarray(steps_ns, dtype=np.float64)
+    if len(steps) < 3:
+        return 0
+    period = float(np.median(steps))
+    return int(np.maximum(np.rint(steps / period) - 1, 0).sum()) if period > 0 else 0
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 Edges are `parent → child` poses `T: [4, 4]` (`p_parent = T @ p_child`), static or sampled over time. A look-up composes
 the chain between two frames at one stamp, interpolating every sampled edge (linear translation, slerp rotation) and
-refusing to extrapolate past a tolerance: a frame whose pose would be a guess is rejected with the reason.
+refusing to extrapolate past a tolerance: a frame whose pose would be a guess is rejected with the reason. A sample far
+older than its edge's newest one means time jumped back (a bag replayed again, a bag after live data): the sampled
+history is cleared then, as tf2 clears its buffer on a jump back in time (static edges stay).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from m3_memory.core.errors import M3Error
-from m3_memory.core.geometry import interpolate_pose, invert_pose
+from m3_memory.core.geometry import interpolate_pose, invert_pose, is_rigid
 
 
 class TransformError(M3Error, LookupError):
@@ -48,31 +50,54 @@ class TransformBuffer:
     `tolerance_ns`: how far outside an edge's sampled range a look-up may hold the nearest sample.
     `max_gap_ns`: two samples further apart than this are not interpolated between (the link was lost).
     `history_ns`: samples older than this behind the newest one are forgotten.
+    `jump_back_ns`: a sample this much older than its edge's newest one means time jumped back: history is cleared.
     """
 
-    def __init__(self, tolerance_ns: int = 0, max_gap_ns: int = 500_000_000, history_ns: int = 60 * 10**9):
+    def __init__(self, tolerance_ns: int = 0, max_gap_ns: int = 500_000_000, history_ns: int = 60 * 10**9,
+                 jump_back_ns: int = 10**9):
         self.tolerance_ns, self.max_gap_ns, self.history_ns = tolerance_ns, max_gap_ns, history_ns
+        self.jump_back_ns = jump_back_ns
         self._parent: dict[str, str] = {}
         self._static: dict[str, np.ndarray] = {}
         self._samples: dict[str, _Samples] = {}
 
-    def set_transform(self, parent: str, child: str, stamp_ns: int, pose: np.ndarray, static: bool = False) -> None:
-        """Add `parent → child` `pose: [4, 4]` at `stamp_ns` (ignored for static edges)."""
+    def set_transform(self, parent: str, child: str, stamp_ns: int, pose: np.ndarray, static: bool = False) -> int:
+        """Add `parent → child` `pose: [4, 4]` at `stamp_ns` (ignored for static edges).
+
+        Returns how far time jumped back (ns) when this sample cleared the sampled history, else 0. Raises ValueError
+        for a pose that is not a finite rigid transform (nothing is stored then).
+        """
         if not (parent and child) or parent == child:
             raise ValueError(f"transform {parent!r} → {child!r} needs two different, non-empty frame names")
+        pose = np.asarray(pose, dtype=np.float64)
+        if not is_rigid(pose):
+            raise ValueError(f"transform {parent} → {child} is not a finite rigid pose (NaN/inf or a non-orthonormal "
+                             f"rotation): {pose.tolist()}")
+        jumped = 0
+        newest = self._samples[child].stamps[-1] if child in self._samples and not static else None
+        if newest is not None and stamp_ns < newest - self.jump_back_ns:
+            jumped = newest - int(stamp_ns)
+            self.clear()
         if self._parent.get(child, parent) != parent:
             # tf2 semantics: a frame has one parent; a new parent replaces the old link.
             self._static.pop(child, None)
             self._samples.pop(child, None)
         self._parent[child] = parent
         if static:
-            self._static[child] = np.asarray(pose, dtype=np.float64)
+            self._static[child] = pose
             self._samples.pop(child, None)
-            return
+            return jumped
         self._static.pop(child, None)
         samples = self._samples.setdefault(child, _Samples())
-        samples.insert(int(stamp_ns), np.asarray(pose, dtype=np.float64))
+        samples.insert(int(stamp_ns), pose)
         samples.drop_before(samples.stamps[-1] - self.history_ns)
+        return jumped
+
+    def clear(self) -> None:
+        """Forget every sampled edge (their links come back with their next samples); static edges stay."""
+        for child in self._samples:
+            del self._parent[child]
+        self._samples.clear()
 
     def _path_to_root(self, frame: str) -> list[str]:
         path = [frame]

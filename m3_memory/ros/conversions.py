@@ -1,6 +1,8 @@
 """ROS messages ↔ numpy arrays and 4×4 poses (the only place that knows both sides' layouts)."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 from geometry_msgs.msg import Pose, Transform
 from sensor_msgs.msg import CameraInfo, Image
@@ -20,19 +22,47 @@ def stamp_ns(stamp) -> int:
 
 
 def transform_to_matrix(transform: Transform) -> np.ndarray:
-    """`[4, 4]` pose of a geometry_msgs/Transform."""
+    """`[4, 4]` pose of a geometry_msgs/Transform; ValueError for a non-finite translation or a quaternion that
+    cannot be normalised (zero or non-finite)."""
     r, t = transform.rotation, transform.translation
-    return pose_from_xyzw([r.x, r.y, r.z, r.w], [t.x, t.y, t.z])
+    quat, trans = np.array([r.x, r.y, r.z, r.w]), np.array([t.x, t.y, t.z])
+    if not np.all(np.isfinite(trans)):
+        raise ValueError(f"translation {trans.tolist()} is not finite")
+    norm = np.linalg.norm(quat)
+    if not (np.isfinite(norm) and norm > 1e-6):
+        raise ValueError(f"rotation quaternion (x y z w) {quat.tolist()} cannot be normalised")
+    return pose_from_xyzw(quat, trans)
 
 
-def add_transforms(buffer: TransformBuffer, msg: TFMessage, static: bool, logger) -> None:
-    """Feed a /tf or /tf_static message into `buffer`; malformed transforms are logged and skipped."""
+@dataclass
+class TransformIntake:
+    """What one TF message did to a buffer: why each skipped transform was skipped, and how far (ns) time jumped
+    back when a transform cleared the buffer's history (0: no jump)."""
+
+    rejected: list[str] = field(default_factory=list)
+    jumped_back_ns: int = 0
+
+
+def add_transforms(buffer: TransformBuffer, msg: TFMessage, static: bool, logger) -> TransformIntake:
+    """Feed a /tf or /tf_static message into `buffer`; malformed transforms are skipped, and logged with a jump back in
+    time (the buffer cleared its history) unless `logger` is None (the caller logs from the returned intake)."""
+    intake = TransformIntake()
     for t in msg.transforms:
+        parent, child, stamp = t.header.frame_id, t.child_frame_id, stamp_ns(t.header.stamp)
         try:
-            buffer.set_transform(t.header.frame_id, t.child_frame_id, stamp_ns(t.header.stamp),
-                                 transform_to_matrix(t.transform), static=static)
+            jumped = buffer.set_transform(parent, child, stamp, transform_to_matrix(t.transform), static=static)
         except ValueError as exc:
-            logger.warning(f"ignoring transform: {exc}", throttle_duration_sec=5.0)
+            problem = f"transform {parent} → {child} at {stamp * 1e-9:.3f} s: {exc}"
+            intake.rejected.append(problem)
+            if logger is not None:
+                logger.warning(f"ignoring {problem}", throttle_duration_sec=2.0)
+            continue
+        if jumped:
+            intake.jumped_back_ns = max(intake.jumped_back_ns, jumped)
+            if logger is not None:
+                logger.warning(f"time jumped back {jumped * 1e-9:.3f} s (transform {parent} → {child} at "
+                               f"{stamp * 1e-9:.3f} s): cleared the transform history, as tf2 does")
+    return intake
 
 
 def pose_to_matrix(pose: Pose) -> np.ndarray:
@@ -56,6 +86,8 @@ def camera_info_K(info: CameraInfo) -> np.ndarray:
 
 
 def _pixels(msg: Image, dtype, channels: int) -> np.ndarray:
+    if msg.width <= 0 or msg.height <= 0:
+        raise ImageEncodingError(f"{msg.encoding} image size {msg.width}x{msg.height} must be positive")
     itemsize = np.dtype(dtype).itemsize
     row = msg.width * channels * itemsize
     if msg.step < row or len(msg.data) < msg.step * msg.height:

@@ -14,6 +14,15 @@ from rclpy.signals import SignalHandlerOptions
 POLL_SECONDS = 0.1
 
 
+class _Executor(MultiThreadedExecutor):
+    def shutdown(self, timeout_sec: float | None = None, *, wait_for_threads: bool = True) -> bool:
+        # rclpy's shutdown destroys the executor's guard condition without waiting for callbacks already handed to
+        # the thread pool; one that starts afterwards fails on that guard and prints "The following exception was
+        # never retrieved: cannot use Destroyable ..." at exit. Let the pool finish its callbacks first.
+        self._executor.shutdown(wait=True)
+        return super().shutdown(timeout_sec, wait_for_threads=wait_for_threads)
+
+
 def spin_node(factory: Callable[[], Node], args: list[str] | None = None, threads: int = 2) -> int:
     """Create the node, spin it until SIGINT/SIGTERM, destroy it cleanly. Returns the exit code.
 
@@ -30,7 +39,7 @@ def spin_node(factory: Callable[[], Node], args: list[str] | None = None, thread
         if stop.is_set():
             return 0
         node = factory()
-        executor = MultiThreadedExecutor(num_threads=threads)
+        executor = _Executor(num_threads=threads)
         executor.add_node(node)
         while not stop.is_set() and rclpy.ok():
             executor.spin_once(timeout_sec=POLL_SECONDS)

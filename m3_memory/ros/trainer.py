@@ -32,6 +32,7 @@ from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.node import Node
 from std_msgs.msg import String
 
+from m3_memory.core.atomic import remove_stale_temps
 from m3_memory.core.checkpoint import memory_format
 from m3_memory.core.errors import M3Error
 from m3_memory.core.paths import confine
@@ -85,6 +86,8 @@ class Trainer(Node):
         roots = self.declare_parameter("scene_roots", ["scans"]).value
         self.scene_roots = [Path(p).expanduser().resolve() for p in roots]
         self.output_root = Path(self.declare_parameter("output_root", "memories").value).expanduser().resolve()
+        for path in remove_stale_temps(self.output_root, recursive=True):   # a save killed mid-write
+            self.get_logger().info(f"removed {path}, left by an interrupted checkpoint save")
         self.busy = threading.Lock()  # one training at a time: a goal arriving during one is aborted with the reason
         self.checkpoint_pub = self.create_publisher(String, "m3/checkpoint", LATCHED)
         self.server = ActionServer(self, Train, "m3/train", execute_callback=self.execute,
