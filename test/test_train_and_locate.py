@@ -79,7 +79,8 @@ def test_train_then_locate_then_cancel(scene_dir, tmp_path, ros_node):
         point = np.array([answer.target.point.x, answer.target.point.y, answer.target.point.z])
         table = json.loads((scene_dir / "objects.json").read_text())["objects"]
         nearest = min(np.linalg.norm(point - np.asarray(o["center"])) for o in table)
-        assert nearest < 0.5  # on the table, among the objects (accuracy is the core tests' business)
+        # in the scene, near the objects: after 40 iterations accuracy is not this test's business (test_engine's is)
+        assert nearest < 1.0, (point, answer.message)
 
         unknown = ask("yellow bath duck", view=view, frame_id="gripper")
         assert not unknown.success and "unknown frame 'gripper'" in unknown.message
