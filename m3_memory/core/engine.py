@@ -18,7 +18,7 @@ is reported.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from m3_memory.core.query import (
     backproject,
     grasp_pose,
     otsu_threshold,
+    relevancy_from_cosines,
     score_pixels,
     select_region,
     select_regions,
@@ -83,14 +84,6 @@ class QueryOptions:
         self.negatives = tuple(self.negatives)
         if self.method == "relevancy" and not self.negatives:
             raise QueryError("relevancy scoring needs negative phrases")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "QueryOptions":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise QueryError(f"unknown query settings {unknown}; known: {sorted(known)}")
-        return cls(**values)
 
 
 @dataclass
@@ -161,19 +154,20 @@ class QueryEngine:
                                        for s in range(0, len(queries), chunk)])          # [N, d]
         self.means = memory.gaussians.means                                                # [N, 3]
         self.opacity = memory.gaussians.opacity                                            # [N]
-        self._negatives: dict[tuple[str, ...], Tensor] = {}
-        self.negative_cosines(CANONICAL_NEGATIVES)  # loads the text encoder now, not on the first query
+        self._negatives: dict[tuple[str, ...], tuple[Tensor, Tensor]] = {}
+        self.negatives(CANONICAL_NEGATIVES)  # loads the text encoder now, not on the first query
 
     # --- text-dependent work -------------------------------------------------------------------------------------
     def encode(self, phrases: list[str]) -> Tensor:
         """Unit text embeddings `[T, d]` on the memory's device."""
         return F.normalize(self.encode_text(list(phrases)).float(), dim=-1).to(self.features.device)
 
-    def negative_cosines(self, negatives: tuple[str, ...]) -> Tensor:
-        """Cosine `[N, k]` of every Gaussian to each negative phrase (cached per phrase set)."""
-        if negatives not in self._negatives:
-            self._negatives[negatives] = self.features @ self.encode(list(negatives)).T
-        return self._negatives[negatives]
+    def negatives(self, phrases: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+        """Embeddings `[k, d]` of negative phrases and every Gaussian's cosine `[N, k]` to them (cached per set)."""
+        if phrases not in self._negatives:
+            embeddings = self.encode(list(phrases))
+            self._negatives[phrases] = embeddings, self.features @ embeddings.T
+        return self._negatives[phrases]
 
     def cosines(self, text: Tensor) -> Tensor:
         """Cosine similarity `[N]` of every Gaussian's decoded feature to `text: [d]`."""
@@ -182,8 +176,7 @@ class QueryEngine:
     def scores(self, cosines: Tensor, options: QueryOptions) -> Tensor:
         """Per-Gaussian score `[N]` in [0, 1] for `options.method`."""
         if options.method == "relevancy":
-            negatives = self.negative_cosines(options.negatives)
-            return torch.sigmoid((cosines[:, None] - negatives) / 0.1).min(dim=1).values
+            return relevancy_from_cosines(cosines, self.negatives(options.negatives)[1])
         return (cosines + 1) / 2
 
     # --- the entry point -------------------------------------------------------------------------------------------
@@ -197,7 +190,7 @@ class QueryEngine:
             text = self.encode([query])[0]
         cosines = self.cosines(text)
         scores = self.scores(cosines, options)
-        relevancies = self.scores(cosines, QueryOptions(method="relevancy", negatives=CANONICAL_NEGATIVES))
+        relevancies = relevancy_from_cosines(cosines, self.negatives(CANONICAL_NEGATIVES)[1])   # the meaning floor's
         threshold = self.gaussian_threshold(scores)
         # with a view, a few more instances than asked for: the view's answer is checked against them
         found = self.instances(scores, relevancies, threshold, max(options.max_instances, 4 * (view is not None)))
@@ -288,7 +281,7 @@ class QueryEngine:
         if options.render == "features":
             view = render_memory(self.memory, camera, [self.model], rgb=False)
             decoded = view.features.pop(self.model)
-            negatives = self.encode(list(options.negatives)) if options.method == "relevancy" else None
+            negatives = self.negatives(options.negatives)[0] if options.method == "relevancy" else None
             view.values = score_pixels(decoded.reshape(-1, decoded.shape[-1]), text.to(decoded.device), negatives,
                                        options.method).reshape(camera.height, camera.width, 1)
             return view

@@ -55,9 +55,13 @@ def relevancy(features: Tensor, positive: Tensor, negatives: Tensor, temperature
     """LERF relevancy of `features: [P, d]` for `positive: [d]` against `negatives: [k, d]` → `[P]` in [0, 1]:
     min over negatives of softmax(cos_pos, cos_neg)[pos]."""
     feats = F.normalize(features, dim=-1)
-    pos = feats @ F.normalize(positive, dim=-1)
-    neg = feats @ F.normalize(negatives, dim=-1).T
-    return torch.sigmoid((pos[:, None] - neg) / temperature).min(dim=1).values
+    return relevancy_from_cosines(feats @ F.normalize(positive, dim=-1), feats @ F.normalize(negatives, dim=-1).T,
+                                  temperature)
+
+
+def relevancy_from_cosines(positive: Tensor, negatives: Tensor, temperature: float = 0.1) -> Tensor:
+    """`relevancy` from cosines already taken: `positive: [P]`, `negatives: [P, k]` → `[P]`."""
+    return torch.sigmoid((positive[:, None] - negatives) / temperature).min(dim=1).values
 
 
 def score_pixels(features: Tensor, text: Tensor, negatives: Tensor | None, method: str) -> Tensor:

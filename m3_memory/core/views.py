@@ -49,13 +49,6 @@ class Camera:
         K[1] *= height / self.height
         return Camera(self.c2w, K, width, height)
 
-    def project(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Pixel coordinates `[P, 2]` (pixel centres at +0.5) and depths `[P]` of world `points: [P, 3]`."""
-        cam = (np.asarray(points, dtype=np.float64) - self.c2w[:3, 3]) @ self.c2w[:3, :3]
-        z = cam[:, 2]
-        uv = cam @ self.K.T
-        return uv[:, :2] / np.maximum(z, 1e-9)[:, None], z
-
 
 @dataclass
 class TrainingViews:
