@@ -35,6 +35,7 @@ from m3_memory.core.features.evaluate import (  # noqa: E402
     load_photo,
     photo_matching,
 )
+from m3_memory.core.resources import package_file  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 PARAPHRASES = ("a kitten", "an espresso", "a spaceman", "a spacecraft taking off")  # same photo order as the test
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     report = {"machine": machine(args.threads), "throughput": {}, "weights": dict(WEIGHTS_PACKAGES)}
     tinyvlm = build_extractor("m3-tinyvlm")
-    tinyvlm_path = Path(__file__).resolve().parents[1] / "m3_memory/core/features/weights/m3-tinyvlm.pt"
+    tinyvlm_path = package_file("core/features/weights/m3-tinyvlm.pt")
     report["weights"]["m3-tinyvlm"] += f"; {tinyvlm_path.stat().st_size / 1e6:.2f} MB"
     report["throughput"]["m3-tinyvlm"] = {**throughput(tinyvlm, args.repeats), "weights": "shipped (trained here)"}
     report["throughput"]["m3-tinyvlm-regions"] = {

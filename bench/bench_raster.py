@@ -5,6 +5,11 @@ Run from the repository root with the package importable (installed, or PYTHONPA
 
     python bench/bench_raster.py                     # CPU backend, writes bench/results/raster_cpu.{json,md}
     python bench/bench_raster.py --backend cuda      # gsplat backend on a GPU machine -> raster_cuda.{json,md}
+    python bench/bench_raster.py --baseline none     # CPU without the previous implementation
+
+On CPU the previous implementation runs in the same process, repeats interleaved with ours, and the ratio is printed:
+its kernel, Python glue and projection are read from git history (`--baseline REV`, default the commit before the
+rewrite) and compiled once into the user cache (a minute or two, needs g++ and git).
 
 The scene is a random volume of Gaussians filling the view (a stress case: every pixel sees hundreds of them);
 focal length scales with the width so a Gaussian covers the same share of the image at every resolution.
@@ -33,6 +38,45 @@ from machine import machine_info, write_report  # noqa: E402  (bench/machine.py)
 from m3_memory.core.raster import rasterization  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+# The CPU rasterizer before issue #18's rewrite (tile-row screening, channel loop per contributor, torch 3x3 bmm
+# projection).
+BASELINE = "b795a50"
+
+
+def baseline_rasterizer(rev: str):
+    """`rasterization_cpu` of git revision `rev`: its raster_cpu.cpp compiled under the user cache, its cpu.py and
+    projection.py loaded as private modules bound to that build."""
+    import subprocess
+    import sys
+    import types
+
+    from torch.utils.cpp_extension import load
+
+    from m3_memory.core.raster.extension import CFLAGS
+    from m3_memory.core.resources import cache_dir
+
+    def source(path: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:m3_memory/core/raster/{path}"], check=True,
+                              capture_output=True, text=True).stdout
+
+    directory = cache_dir() / "bench_raster" / rev
+    directory.mkdir(parents=True, exist_ok=True)
+    cpp = directory / "raster_cpu.cpp"
+    if not cpp.exists() or cpp.read_text() != source("csrc/raster_cpu.cpp"):
+        cpp.write_text(source("csrc/raster_cpu.cpp"))
+    ext = load(name=f"m3_raster_cpu_{rev}", sources=[str(cpp)], extra_cflags=list(CFLAGS),
+               build_directory=str(directory))
+    # its modules import each other as m3_memory.core.raster.*: renamed to a private package, the extension module
+    # replaced by one handing out the build above
+    package = f"m3_bench_baseline_{rev}"
+    extension = sys.modules[f"{package}.extension"] = types.ModuleType(f"{package}.extension")
+    extension.load_extension = lambda: ext
+    for name in ("projection", "cpu"):
+        module = sys.modules[f"{package}.{name}"] = types.ModuleType(f"{package}.{name}")
+        code = source(f"{name}.py").replace("m3_memory.core.raster.", f"{package}.")
+        exec(compile(code, f"{rev}:{name}.py", "exec"), module.__dict__)
+    return sys.modules[f"{package}.cpu"].rasterization_cpu
 
 
 @dataclass
@@ -46,6 +90,7 @@ class BenchConfig:
     threads: int = 2
     backend: str = "cpu"
     seed: int = 0
+    baseline: str = BASELINE  # git revision of the previous CPU implementation timed beside ours ("none": skip)
 
 
 def make_scene(n: int, channels: int, width: int, height: int, device: str, seed: int):
@@ -76,22 +121,44 @@ def timed(fn, device: str) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def bench_one(cfg: BenchConfig, n: int, width: int, height: int) -> dict:
+def bench_one(cfg: BenchConfig, n: int, width: int, height: int, baseline=None) -> dict:
+    """Timings of ours (and, when `baseline` is given, of that rasterizer in the same conditions: repeats
+    alternate between the two)."""
     device = "cuda" if cfg.backend == "cuda" else "cpu"
     scene = make_scene(n, cfg.channels, width, height, device, cfg.seed)
     out = {}
 
-    def forward():
-        out["r"] = rasterization(*scene, width, height, backend=cfg.backend)
+    def ours(*args):
+        return rasterization(*args, backend=cfg.backend)
 
-    def forward_backward():
-        rgb, alpha, depth, _ = rasterization(*scene, width, height, backend=cfg.backend)
+    def forward(render=ours):
+        out["r"] = render(*scene, width, height)
+
+    def forward_backward(render=ours):
+        rgb, alpha, depth, _ = render(*scene, width, height)
         (rgb.mean() + alpha.mean() + depth.mean()).backward()
 
-    forward_backward()  # warm-up (and gsplat's JIT compile on CUDA)
-    fwd, fwd_cpu = zip(*[timed(forward, device) for _ in range(cfg.repeats)])
-    fb, fb_cpu = zip(*[timed(forward_backward, device) for _ in range(cfg.repeats)])
+    renders = [ours] + ([baseline] if baseline is not None else [])
+    for render in renders:
+        forward_backward(render)  # warm-up (and gsplat's JIT compile on CUDA)
+    times = {render: {"fwd": [], "fb": []} for render in renders}
+    for _ in range(cfg.repeats):
+        for render in renders:
+            times[render]["fwd"].append(timed(lambda: forward(render), device))
+    for _ in range(cfg.repeats):
+        for render in renders:
+            times[render]["fb"].append(timed(lambda: forward_backward(render), device))
+    forward()
+    fwd, fwd_cpu = zip(*times[ours]["fwd"])
+    fb, fb_cpu = zip(*times[ours]["fb"])
     _, alpha, _, meta = out["r"]
+    previous = {}
+    if baseline is not None:
+        old_fwd, old_fb = [t for t, _ in times[baseline]["fwd"]], [t for t, _ in times[baseline]["fb"]]
+        previous = {"baseline_forward_ms_min": 1e3 * min(old_fwd), "baseline_fwd_bwd_ms_min": 1e3 * min(old_fb),
+                    "baseline_fwd_bwd_ms_median": 1e3 * statistics.median(old_fb),
+                    "speedup_fwd_bwd_min": min(old_fb) / min(fb),
+                    "speedup_fwd_bwd_median": statistics.median(old_fb) / statistics.median(fb)}
     return {
         "gaussians": n,
         "width": width,
@@ -107,6 +174,7 @@ def bench_one(cfg: BenchConfig, n: int, width: int, height: int) -> dict:
         "forward_cpu_ms_min": 1e3 * min(fwd_cpu),
         "fwd_bwd_cpu_ms_min": 1e3 * min(fb_cpu),
         "peak_rss_mb_so_far": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **previous,
     }
 
 
@@ -136,6 +204,25 @@ def markdown(report: dict) -> str:
             f"{r['forward_cpu_ms_min']:.0f} / {r['fwd_bwd_cpu_ms_min']:.0f} | {r['peak_rss_mb_so_far']:.0f} |"
         )
     lines += ["", "Peak RSS is the process maximum so far (runs go from small to large)."]
+    rows = [r for r in report["results"] if "baseline_fwd_bwd_ms_min" in r]
+    if rows:
+        lines += [
+            "",
+            f"Against the previous implementation (git {report['config']['baseline']}), timed in the same run with"
+            " repeats alternating between the two:",
+            "",
+            "| Gaussians | image | previous fwd ms (min) | ours fwd ms (min) | previous fwd+bwd ms (min / median) |"
+            " ours fwd+bwd ms (min / median) | speed-up fwd+bwd (min / median) |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['gaussians']:,} | {r['width']}x{r['height']} | {r['baseline_forward_ms_min']:.0f} | "
+                f"{r['forward_ms_min']:.0f} | {r['baseline_fwd_bwd_ms_min']:.0f} / "
+                f"{r['baseline_fwd_bwd_ms_median']:.0f}"
+                f" | {r['fwd_bwd_ms_min']:.0f} / {r['fwd_bwd_ms_median']:.0f} | {r['speedup_fwd_bwd_min']:.2f}x / "
+                f"{r['speedup_fwd_bwd_median']:.2f}x |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -145,18 +232,29 @@ def main():
     parser.add_argument("--threads", type=int, default=BenchConfig.threads)
     parser.add_argument("--repeats", type=int, default=BenchConfig.repeats)
     parser.add_argument("--quick", action="store_true", help="only 10k Gaussians at 160x120 (smoke run)")
+    parser.add_argument("--only", default=None, metavar="N,WxH", help="one case, e.g. 50000,320x240")
+    parser.add_argument("--baseline", default=BenchConfig.baseline,
+                        help=f"git revision of the previous CPU rasterizer to time beside ours (default {BASELINE}); "
+                             "none: skip")
     parser.add_argument("--out", type=Path, default=None, help="results basename (default bench/results/raster_<backend>)")
     args = parser.parse_args()
-    cfg = BenchConfig(backend=args.backend, threads=args.threads, repeats=args.repeats)
+    cfg = BenchConfig(backend=args.backend, threads=args.threads, repeats=args.repeats, baseline=args.baseline)
     if args.quick:
         cfg.counts, cfg.sizes = (10_000,), ((160, 120),)
+    if args.only:
+        count, size = args.only.split(",")
+        cfg.counts, cfg.sizes = (int(count),), (tuple(int(x) for x in size.split("x")),)
     torch.set_num_threads(cfg.threads)
+    baseline = None if cfg.backend == "cuda" or cfg.baseline == "none" else baseline_rasterizer(cfg.baseline)
     report = {"config": asdict(cfg), "machine": {**machine_info(cfg.backend), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
               "results": []}
     for width, height in cfg.sizes:
         for n in cfg.counts:
-            row = bench_one(cfg, n, width, height)
+            row = bench_one(cfg, n, width, height, baseline)
             print(json.dumps(row), flush=True)
+            if "speedup_fwd_bwd_min" in row:
+                print(f"{n:,} Gaussians at {width}x{height}: fwd+bwd {row['baseline_fwd_bwd_ms_min']:.0f} ms before,"
+                      f" {row['fwd_bwd_ms_min']:.0f} ms now (min): {row['speedup_fwd_bwd_min']:.2f}x", flush=True)
             report["results"].append(row)
     report["machine"]["load_average_at_end"] = os.getloadavg()
     write_report(args.out or RESULTS / f"raster_{cfg.backend}", report, markdown(report))

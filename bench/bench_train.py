@@ -27,6 +27,7 @@ from texts import TextCache  # bench/texts.py
 from m3_memory.core.checkpoint import Memory
 from m3_memory.core.pipeline import load_train_config, parse_overrides, scene_features
 from m3_memory.core.engine import QueryEngine, QueryOptions
+from m3_memory.core.query import CANONICAL_NEGATIVES
 from m3_memory.core.scene import Scene
 from m3_memory.core.trainer import resolve_device, train
 
@@ -110,7 +111,9 @@ def main() -> None:
     scene = Scene.load(args.scene)
     objects = scripted_objects(args.scene)
     texts = TextCache(args.model, args.texts)
-    texts([o["query"] for o in objects])  # before training: a missing text model fails at once
+    # before training, so a missing text model fails at once; the engine also encodes the canonical negatives, which
+    # must be in the cache for a machine without the text model (--texts)
+    texts([o["query"] for o in objects] + list(CANONICAL_NEGATIVES))
 
     started = time.monotonic()
     features = scene_features(scene, args.scene, [args.model])

@@ -12,6 +12,7 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from m3_memory.cli.colmap import register
+from m3_memory.cli.common import run_verb
 from m3_memory.core.geometry import invert_pose, sim3_apply_pose, sim3_fit
 from m3_memory.core.scene import Scene, SceneError, import_colmap, init_points_from_depth, read_colmap_model
 from m3_memory.sim import demo_scene
@@ -146,7 +147,7 @@ def test_import_colmap_verb_then_train_with_colmap_init(robot, model_dirs, tmp_p
     summary = json.loads(capsys.readouterr().out)
     assert summary["frames"] == len(robot) and summary["points"] == 500 and summary["world_frame"] == "world"
     assert summary["alignment"]["matched"] == len(robot) and abs(summary["alignment"]["scale"] - S) < 1e-6
-    assert args.func(args) == 1 and "already holds a scene" in capsys.readouterr().err
+    assert run_verb("import-colmap", args.func, args) == 1 and "already holds a scene" in capsys.readouterr().err
 
     scene = Scene.load(out)
     config = load_train_config(None, {"iterations": 20, "init": "colmap", "device": "cpu"})

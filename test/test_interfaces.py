@@ -22,8 +22,10 @@ def test_locate_service_fields():
 def test_train_action_parts():
     from m3_msgs.action import Train
 
-    assert set(Train.Goal.get_fields_and_field_types()) == {"scene_dir", "output", "config_overrides"}
-    assert {"iteration", "loss", "elapsed_seconds", "eta_seconds"} <= set(Train.Feedback.get_fields_and_field_types())
+    assert set(Train.Goal.get_fields_and_field_types()) == {"scene_dir", "output", "config_overrides", "robot",
+                                                            "scan_id"}
+    assert {"iteration", "loss", "elapsed_seconds", "eta_seconds", "queue_position", "stage", "bytes_done",
+            "bytes_total"} <= set(Train.Feedback.get_fields_and_field_types())
     assert {"success", "message", "checkpoint", "final_loss"} <= set(Train.Result.get_fields_and_field_types())
 
 
@@ -33,6 +35,8 @@ def test_status_messages_and_tf():
 
     assert MemoryStatus.get_fields_and_field_types()["bank_sizes"] == "sequence<uint32>"
     assert RecorderStatus.get_fields_and_field_types()["reject_reasons"] == "sequence<string>"
+    assert {"frames_dropped", "frames_pending", "transforms_ignored", "message"} <= set(
+        RecorderStatus.get_fields_and_field_types())
     assert TFMessage.get_fields_and_field_types() == {"transforms": "sequence<geometry_msgs/TransformStamped>"}
 
 

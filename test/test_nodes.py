@@ -24,7 +24,8 @@ def train_result(node, goal):
 def test_trainer_aborts_goals_it_cannot_run_with_the_reason(ros_node, tmp_path):
     from m3_msgs.action import Train
 
-    with node_process("m3_trainer", "--ros-args", "-p", f"scene_roots:=['{tmp_path}']"):
+    with node_process("m3_trainer", "--ros-args", "-p", f"scene_roots:=['{tmp_path}']",
+                      "-p", f"storage_root:={tmp_path / 'storage'}"):
         (tmp_path / "scene.json").write_text("{}")
         for goal, reason in ((Train.Goal(scene_dir=""), "scene_dir is empty"),
                              (Train.Goal(scene_dir="/"), "outside the configured roots"),

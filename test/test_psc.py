@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from m3_memory.core.memory import psc
 from m3_memory.core.memory.psc import PSCConfig, exact_cosine, principal_scene_components
 
 
@@ -68,6 +69,35 @@ def test_extreme_chunk_block_and_batch(chunk, block, batch):
     expected = naive_psc(features, 0.85, chunk=100)
     cfg = PSCConfig(0.85, chunk=chunk, block=block, batch=batch)
     assert torch.equal(principal_scene_components(features, cfg).indices, expected)
+
+
+@pytest.mark.parametrize(("threshold", "noise", "k"), [(0.9, 0.3, 4), (0.7, 0.6, 5)])
+def test_large_neighbourhoods(threshold, noise, k):
+    # A few wide clusters: the first kept rows own hundreds of rows, searched in slices for a used neighbour.
+    features = clustered(3000, 16, k, noise, seed=21)
+    expected = naive_psc(features, threshold, chunk=1000)
+    unit = torch.nn.functional.normalize(features.double(), dim=1)
+    assert ((unit[expected] @ unit.T) >= threshold).sum(1).max() > 400
+    for chunk in (256, 2048):
+        result = principal_scene_components(features, PSCConfig(threshold, chunk=chunk, block=1024))
+        assert torch.equal(result.indices, expected)
+
+
+def test_work_scales_with_open_rows(monkeypatch):
+    # Rows compared with all N rows (columns of full passes) stay near the number of kept rows, far below N.
+    columns = []
+    scan = psc._Greedy.scan
+
+    def counting_scan(self, mark, todo, **kwargs):
+        columns.append(mark.numel() + todo.numel())
+        return scan(self, mark, todo, **kwargs)
+
+    monkeypatch.setattr(psc._Greedy, "scan", counting_scan)
+    features = clustered(6000, 32, 60, 0.3, seed=12)
+    result = principal_scene_components(features, PSCConfig(0.85, chunk=512))
+    assert torch.equal(result.indices, naive_psc(features, 0.85, chunk=1000))
+    assert len(result.indices) < 6000 // 20
+    assert sum(columns) <= 2 * len(result.indices)
 
 
 def test_duplicates_zero_rows_and_exact_ties():

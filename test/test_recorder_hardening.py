@@ -166,6 +166,9 @@ def test_bad_inputs_are_counted_logged_and_survived(tmp_path, ros_node):
         assert (kept, seen) == (4, 9), stopped.message
         assert reasons == {"bad_image": 2, "bad_camera_info": 3}, stopped.message
         assert "ignored 2 malformed transforms" in stopped.message
+        status = _statuses(ros_node, lambda s: not s.recording, timeout=10)
+        assert accounted(status) and (status.frames_seen, status.frames_kept, status.transforms_ignored) == (9, 4, 2)
+        assert dict(zip(status.reject_reasons, status.reject_counts)) == reasons and status.message, status
         scene = Scene.load(stopped.message.split(" into ")[1].split(";")[0])
         np.testing.assert_allclose(scene.Ks[:, 0, 2], 32.0)  # never the 640x480 CameraInfo's cx = 320
         np.testing.assert_allclose(scene.c2w[:, 0, 3], [0.45, 0.65, 0.75, 1.15], atol=1e-9)  # frame 4 interpolated
@@ -203,13 +206,15 @@ def test_a_failing_write_stops_the_scan_cleanly(tmp_path, ros_node):
         kept, seen, reasons = counts(stopped.message)
         # the scan ended at the first failure: frames after it were not recorded
         assert kept == 0 and seen >= 1 and reasons == {"write_failed": seen}, stopped.message
+        status = _statuses(ros_node, lambda s: not s.recording, timeout=10)
+        assert accounted(status) and status.message.startswith("the scan stopped itself: writing the frame"), status
         assert trigger("/m3/recorder/start").success  # a new scan works
         assert trigger("/m3/recorder/stop").message.startswith("no frame kept")
         assert "scan stopped by a fault" in stop_process(recorder)
 
 
-def _wait_accounted(node, frames: int, timeout: float) -> None:
-    """Until the recorder's status shows `frames` seen and each one decided (seen = kept + rejected)."""
+def _statuses(node, until, timeout: float):
+    """Spin `node` on the recorder's latched status until `until(status)` holds; returns the last status (or None)."""
     import rclpy
     from m3_msgs.msg import RecorderStatus
 
@@ -217,21 +222,29 @@ def _wait_accounted(node, frames: int, timeout: float) -> None:
     qos = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE)
     subscription = node.create_subscription(RecorderStatus, "m3/recorder/status", latest.append, qos)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (latest and until(latest[-1])):
         rclpy.spin_once(node, timeout_sec=0.2)
-        if latest and latest[-1].frames_seen >= frames and \
-                latest[-1].frames_seen == latest[-1].frames_kept + latest[-1].frames_rejected:
-            break
     node.destroy_subscription(subscription)
+    return latest[-1] if latest else None
+
+
+def accounted(status) -> bool:
+    """The status's counts add up: seen = kept + rejected + pending, rejected = the sum of its reasons."""
+    return status.frames_seen == status.frames_kept + status.frames_rejected + status.frames_pending and \
+        status.frames_rejected == sum(status.reject_counts) and len(status.reject_reasons) == len(status.reject_counts)
 
 
 def _play_scans(robot, node, t0s, seconds, fps=15.0):
+    """One scan per stream start `t0s`: (t0, published frame stamps, stop answer, final status) each."""
     answers = []
     for t0 in t0s:
         assert trigger("/m3/recorder/start").success
         frames = robot.stream(t0, seconds, fps)
-        _wait_accounted(node, len(frames), timeout=10 + seconds / 10)
-        answers.append((t0, frames, trigger("/m3/recorder/stop")))
+        _statuses(node, lambda s: s.frames_seen >= len(frames) and s.frames_pending == 0, timeout=10 + seconds / 10)
+        stopped = trigger("/m3/recorder/stop")
+        status = _statuses(node, lambda s: not s.recording, timeout=10)
+        assert status is not None and not status.recording and accounted(status), status
+        answers.append((t0, frames, stopped, status))
     return answers
 
 
@@ -240,8 +253,10 @@ def test_replays_twice_then_older_stamps_keep_every_posable_frame(tmp_path, ros_
         robot = Robot(ros_node)
         answers = _play_scans(robot, ros_node, [1000 * SECOND, 1000 * SECOND, 400 * SECOND], seconds=2.0)
         output = stop_process(recorder)
-    for t0, frames, stopped in answers:
+    for t0, frames, stopped, status in answers:
         assert counts(stopped.message) == (len(frames), len(frames), {}), stopped.message
+        assert (status.frames_seen, status.frames_kept, status.frames_rejected, status.frames_dropped) == \
+            (len(frames), len(frames), 0, 0), status
         scene = Scene.load(stopped.message.split(" into ")[1].split(";")[0])
         assert list(scene.timestamps_ns) == frames
         np.testing.assert_allclose(scene.c2w[:, 0, 3], [robot.camera_x(s, t0) for s in frames], atol=1e-9)
@@ -249,20 +264,20 @@ def test_replays_twice_then_older_stamps_keep_every_posable_frame(tmp_path, ros_
 
 
 def test_realsense_rate_stream_loses_no_frame(tmp_path, ros_node):
-    """640x480 bgr8 + 16UC1 at 15 Hz, /tf at 50 Hz with four transforms per message, for 6 s."""
+    """640x480 bgr8 + 16UC1 at 15 Hz, /tf at 50 Hz with four transforms per message, for 6 s: no frame is rejected
+    (only keyframe choices), none is dropped, and the status says so."""
     with start_recorder(tmp_path, "wait_seconds:=1.0") as recorder:  # a keyframe every 0.08 m: every 4th-5th frame
         robot = Robot(ros_node, 640, 480)
-        ((t0, frames, stopped),) = _play_scans(robot, ros_node, [1000 * SECOND], seconds=6.0)
+        ((t0, frames, stopped, status),) = _play_scans(robot, ros_node, [1000 * SECOND], seconds=6.0)
         output = stop_process(recorder)
     kept, seen, reasons = counts(stopped.message)
-    assert seen == len(frames) and set(reasons) <= {"no_motion", "gap", "stale"}, stopped.message + output
-    # Known open fault (issue #17 stays open for it): in about 1 run in 6 the recorder's TF buffer misses ~0.6 s of
-    # the published /tf while images keep arriving, and those frames are rejected as gap/stale. Bounded here so that
-    # a worse loss still fails; the goal is none.
-    lost = reasons.get("gap", 0) + reasons.get("stale", 0)
-    assert lost <= 0.15 * seen, stopped.message + output
-    assert kept + reasons.get("no_motion", 0) + lost == seen and kept >= len(frames) // 6, stopped.message
+    assert seen == len(frames) and set(reasons) <= {"no_motion"}, stopped.message + output
+    assert kept + reasons.get("no_motion", 0) == seen and kept >= len(frames) // 6, stopped.message
     assert "dropped" not in stopped.message
+    assert (status.frames_seen, status.frames_kept, status.frames_dropped, status.frames_pending) == \
+        (seen, kept, 0, 0), status
+    assert dict(zip(status.reject_reasons, status.reject_counts)) == reasons and status.message == "", status
+    assert abs(status.measured_fps - 15.0) < 0.1, status
     scene = Scene.load(stopped.message.split(" into ")[1].split(";")[0])
     np.testing.assert_allclose(scene.c2w[:, 0, 3], [robot.camera_x(s, t0) for s in scene.timestamps_ns], atol=1e-9)
 
@@ -308,13 +323,18 @@ def test_remove_stale_temps_removes_only_write_atomic_leftovers(tmp_path):
 @pytest.mark.slow
 def test_soak_30hz_rgbd_every_frame_accounted_for(tmp_path, ros_node):
     """10 minutes (M3_SOAK_SECONDS) of 640x480 RGB-D at 30 Hz with 50 Hz TF: every frame is kept or a keyframe
-    choice, none is lost to TF timing or the disk."""
+    choice, none is lost to TF timing or the disk, and the recorder's status accounts for each one."""
     seconds = float(os.environ.get("M3_SOAK_SECONDS", 600))
     with start_recorder(tmp_path, "wait_seconds:=1.0") as recorder:
         robot = Robot(ros_node, 640, 480)
-        ((_, frames, stopped),) = _play_scans(robot, ros_node, [1000 * SECOND], seconds=seconds, fps=30.0)
+        ((_, frames, stopped, status),) = _play_scans(robot, ros_node, [1000 * SECOND], seconds=seconds, fps=30.0)
         stop_process(recorder)
     kept, seen, reasons = counts(stopped.message)
     assert seen == len(frames) and kept + sum(reasons.values()) == seen, stopped.message
     assert set(reasons) <= {"no_motion"}, stopped.message
     assert kept >= int(seconds * SPEED / 0.09)  # a keyframe every 0.08 m, i.e. every 8-9 frames at 0.01 m a frame
+    # the status (what an operator watches) holds the same account: every published frame seen, none dropped
+    assert (status.frames_seen, status.frames_kept, status.frames_pending, status.frames_dropped) == \
+        (len(frames), kept, 0, 0), status
+    assert dict(zip(status.reject_reasons, status.reject_counts)) == reasons and status.transforms_ignored == 0, status
+    assert abs(status.measured_fps - 30.0) < 0.1, status

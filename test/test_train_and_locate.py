@@ -52,7 +52,8 @@ def test_train_then_locate_then_cancel(scene_dir, tmp_path, ros_node):
     scene = Scene.load(scene_dir)
     view = matrix_to_pose(scene.c2w[0])
     checkpoint = tmp_path / "memory.pt"
-    roots = ["--ros-args", "-p", f"scene_roots:=[{scene_dir.parent}]", "-p", f"output_root:={tmp_path}"]
+    roots = ["--ros-args", "-p", f"scene_roots:=[{scene_dir.parent}]", "-p", f"output_root:={tmp_path}",
+             "-p", f"storage_root:={tmp_path / 'storage'}"]
     # 40 iterations teach the memory little: the meaning floor (test_engine's business) is off here
     with node_process("m3_memory_server", "--ros-args", "-p", f"memory_root:={tmp_path}", "-p", "min_relevancy:=0.0"), \
             node_process("m3_trainer", *roots) as trainer:
@@ -66,8 +67,10 @@ def test_train_then_locate_then_cancel(scene_dir, tmp_path, ros_node):
         result, feedback = run_goal(ros_node, client, goal)
         assert result.result.success, result.result.message
         assert checkpoint.is_file() and result.result.checkpoint == str(checkpoint)
-        assert [f.iteration for f in feedback] == [10, 20, 30, 40]
-        assert all(f.total_iterations == 40 and f.loss > 0 for f in feedback)
+        assert feedback[0].stage == "queued" and feedback[0].queue_position == 0
+        training = [f for f in feedback if f.stage == "training" and f.iteration]
+        assert [f.iteration for f in training] == [10, 20, 30, 40]
+        assert all(f.total_iterations == 40 and f.loss > 0 for f in training)
 
         # The server reloads on the trainer's announcement and answers in the world frame.
         assert wait_for(lambda: ask("yellow bath duck", view=view).success, 60)

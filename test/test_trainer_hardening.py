@@ -159,14 +159,15 @@ def result_of(node, handle, timeout=120):
 
 
 @pytest.fixture
-def trainer_client(ros_node, roots):
+def trainer_client(ros_node, roots, tmp_path_factory):
     from m3_msgs.action import Train
 
     scans, memories, _ = roots
     litter = memories / ".tiny.pt.k3j9x0q2.tmp"   # what a trainer killed during a checkpoint save leaves
     litter.write_bytes(b"half a checkpoint")
     with node_process("m3_trainer", "--ros-args", "-p", f"scene_roots:=['{scans}']",
-                      "-p", f"output_root:={memories}") as process:
+                      "-p", f"output_root:={memories}",
+                      "-p", f"storage_root:={tmp_path_factory.mktemp('storage')}") as process:
         client = ActionClient(ros_node, Train, "m3/train")
         assert client.wait_for_server(timeout_sec=30), "no /m3/train"
         assert not litter.exists()                            # removed when the trainer started
@@ -185,7 +186,7 @@ def test_node_aborts_refused_goals_with_the_reason_and_writes_nothing(ros_node, 
     assert tree(tmp_path) == before
 
 
-def test_node_aborts_a_second_goal_while_training_then_trains(ros_node, roots, trainer_client, tmp_path):
+def test_node_queues_a_second_goal_while_training_then_trains(ros_node, roots, trainer_client, tmp_path):
     from std_msgs.msg import String
 
     from m3_memory.ros.qos import LATCHED
@@ -198,8 +199,10 @@ def test_node_aborts_a_second_goal_while_training_then_trains(ros_node, roots, t
     first = send(ros_node, trainer_client, goal(scans / "tiny", overrides="{iterations: 100000, log_every: 1}"),
                  feedback=progress.append)
     assert wait_for(lambda: rclpy.spin_once(ros_node, timeout_sec=0.1) or progress, timeout=120), "no feedback"
-    busy = result_of(ros_node, send(ros_node, trainer_client, goal(scans / "tiny")), timeout=30)
-    assert busy.status == GoalStatus.STATUS_ABORTED and "already running" in busy.result.message
+    queued = send(ros_node, trainer_client, goal(scans / "tiny"))   # queued behind the first (issue #14)
+    rclpy.spin_until_future_complete(ros_node, queued.cancel_goal_async(), timeout_sec=20)
+    busy = result_of(ros_node, queued, timeout=30)
+    assert busy.status == GoalStatus.STATUS_CANCELED and "never ran" in busy.result.message
     cancel = first.cancel_goal_async()
     rclpy.spin_until_future_complete(ros_node, cancel, timeout_sec=20)
     cancelled = result_of(ros_node, first, timeout=60)

@@ -1,4 +1,8 @@
-"""The `m3` command: one sub-command per job, each registered by the module that owns it."""
+"""The `m3` command: one sub-command per job, each registered by the module that owns it.
+
+Every verb runs through `common.run_verb`: a user's mistake is one line on stderr and exit code 1, a wrong command line
+exit code 2 (argparse), Ctrl-C 130.
+"""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +19,9 @@ VERB_MODULES = (
     "m3_memory.cli.export",
     "m3_memory.cli.colmap",
     "m3_memory.cli.eval",
+    "m3_memory.cli.storage",
     "m3_memory.ros.locate_cli",
+    "m3_memory.ros.train_cli",
     "m3_memory.ros.bag_play",
     "m3_memory.ros.demo",
 )
@@ -24,7 +30,10 @@ VERB_MODULES = (
 def build_parser() -> argparse.ArgumentParser:
     from importlib.metadata import PackageNotFoundError, version
 
-    parser = argparse.ArgumentParser(prog="m3", description="m3-memory: 3D spatial multimodal memory for robots")
+    parser = argparse.ArgumentParser(
+        prog="m3", description="m3-memory: 3D spatial multimodal memory for robots",
+        epilog="train trains in this process; train-remote has the running trainer node (ros2 launch m3_bringup "
+               "scan_and_grasp.launch.py) train a scan it recorded. `m3 VERB --help` for each verb's options.")
     try:
         parser.add_argument("--version", action="version", version=f"m3-memory {version('m3_memory')}")
     except PackageNotFoundError:   # run from a source tree that was never installed
@@ -36,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from m3_memory.cli.common import run_verb
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return run_verb(args.verb, args.func, args)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from m3_memory.cli.common import run_verb
-
 
 def register(verbs) -> None:
     parser = verbs.add_parser(
@@ -18,7 +16,7 @@ def register(verbs) -> None:
     parser.add_argument("--align-to", type=Path, default=None, metavar="SCENE",
                         help="recorded scene whose frames share image names: map poses and points into its metric "
                              "world frame (similarity fitted on camera centres)")
-    parser.set_defaults(func=lambda args: run_verb("import-colmap", _import, args))
+    parser.set_defaults(func=_import)
 
 
 def _import(args) -> int:

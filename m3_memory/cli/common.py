@@ -4,12 +4,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-# Exit codes of every verb: 0 done, 1 the job failed (bad file, nothing found), 2 the command line was wrong.
-FAILED, USAGE = 1, 2
+# Exit codes of every verb: 0 done; 1 the job failed (a missing or bad file, an unknown setting, nothing found, a
+# goal aborted); 2 the command line was wrong (what argparse checks: options, arguments, choices, KEY=VALUE form);
+# 130 stopped by Ctrl-C.
+FAILED, USAGE, INTERRUPTED = 1, 2, 130
 
 
 def run_verb(verb: str, body: Callable[..., int], args) -> int:
-    """`body(args)`'s exit code, or FAILED with `m3 VERB: why` on stderr when it fails on the user's input or files."""
+    """`body(args)`'s exit code, or FAILED with `m3 VERB: why` on stderr when it fails on the user's input or files
+    (never a traceback for those), INTERRUPTED on Ctrl-C."""
     from m3_memory.core.errors import M3Error
 
     try:
@@ -17,6 +20,9 @@ def run_verb(verb: str, body: Callable[..., int], args) -> int:
     except (M3Error, ValueError, OSError) as exc:
         print(f"m3 {verb}: {exc}", file=sys.stderr)
         return FAILED
+    except KeyboardInterrupt:
+        print(f"m3 {verb}: interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 def setting(text: str) -> str:

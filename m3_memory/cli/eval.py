@@ -5,12 +5,6 @@ import json
 from pathlib import Path
 
 
-def run_eval(args) -> int:
-    from m3_memory.cli.common import run_verb
-
-    return run_verb("eval", _eval, args)
-
-
 def _eval(args) -> int:
     from m3_memory.core.atomic import write_atomic
     from m3_memory.core.checkpoint import load_memory
@@ -85,4 +79,4 @@ def register(verbs) -> None:
     evaluate.add_argument("--out", type=Path, default=None, help="report folder (default CHECKPOINT-eval beside it)")
     evaluate.add_argument("--method", choices=["otsu", "relevancy"], default="otsu", help="pixel scoring")
     evaluate.add_argument("--device", default="cpu", help="where to render (cpu or cuda)")
-    evaluate.set_defaults(func=run_eval)
+    evaluate.set_defaults(func=_eval)

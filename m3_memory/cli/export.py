@@ -6,12 +6,6 @@ import json
 from pathlib import Path
 
 
-def run_export(args) -> int:
-    from m3_memory.cli.common import run_verb
-
-    return run_verb("export", _export, args)
-
-
 def _export(args) -> int:
     from m3_memory.core.checkpoint import load_memory
     from m3_memory.core.engine import QueryEngine, QueryOptions
@@ -42,4 +36,4 @@ def register(verbs) -> None:
     colour.add_argument("--query", default=None, metavar="PHRASE", help="colour by relevancy to PHRASE")
     export.add_argument("--method", choices=["otsu", "relevancy"], default="otsu", help="scoring for --query")
     export.add_argument("--model", default=None, help="which of the memory's models (default: the first)")
-    export.set_defaults(func=run_export)
+    export.set_defaults(func=_export)

@@ -7,7 +7,6 @@ torch and the model are imported only when the command runs.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -16,24 +15,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model name in the features config (default: its `default`)")
     parser.add_argument("--config", type=Path, default=None, help="features YAML (default: config/features.yaml)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="cache root (default: SCENE/features)")
-    parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: from the config)")
+    parser.add_argument("--device", default=None,
+                        help="auto, cpu or cuda[:N] (default: the model's `device` setting, auto = cuda when present)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    from m3_memory.cli.common import run_verb
+
+    return run_verb("features", _run, args)  # a missing scene or weights, a bad config: the message says what to do
+
+
+def _run(args: argparse.Namespace) -> int:
     from m3_memory.cli.common import progress_bar
-    from m3_memory.core.features.base import FeatureModelError
     from m3_memory.core.features.cache import FeatureCache, extract_scene
     from m3_memory.core.features.registry import build_extractor
     from m3_memory.core.scene import Scene
 
     scene = Scene.load(args.scene)
     overrides = {"device": args.device} if args.device else {}
-    try:
-        extractor = build_extractor(args.model, args.config, **overrides)
-    except FeatureModelError as exc:  # missing weights, bad config: the message says what to do
-        print(f"m3 features: {exc}", file=sys.stderr)
-        return 2
+    extractor = build_extractor(args.model, args.config, **overrides)
     print(f"model: {extractor.describe()}", flush=True)
     cache = FeatureCache(args.cache_dir or args.scene / "features", extractor)
     features = extract_scene(scene, extractor, cache,

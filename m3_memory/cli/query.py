@@ -5,36 +5,34 @@ import json
 import time
 from pathlib import Path
 
-from m3_memory.cli.common import run_verb
-
 
 def register(verbs) -> None:
-    from m3_memory.core.engine import QueryOptions
-
-    defaults = QueryOptions()
+    # Options left out keep QueryOptions' defaults (None here): registering the verb must not import torch.
     query = verbs.add_parser("query", help="locate a phrase in a trained memory (offline, as the memory server does)")
     query.add_argument("memory", type=Path)
     query.add_argument("query")
     query.add_argument("--model", default=None, help="which of the memory's models to query (default: the first)")
-    query.add_argument("--method", choices=["otsu", "relevancy"], default=defaults.method)
-    query.add_argument("--render", choices=["scores", "features"], default=defaults.render,
+    query.add_argument("--method", choices=["otsu", "relevancy"], default=None,
+                       help="pixel scoring (default: otsu)")
+    query.add_argument("--render", choices=["scores", "features"], default=None,
                        help="views from blended per-Gaussian scores (fast) or decoded per pixel (the paper's path)")
     query.add_argument("--negatives", nargs="+", default=None, help="relevancy: phrases the query must beat")
-    query.add_argument("--instances", type=int, default=defaults.max_instances, help="instances to return")
-    query.add_argument("--views", type=int, default=defaults.max_search_views, help="training views to render")
-    query.add_argument("--min-relevancy", type=float, default=defaults.min_relevancy,
+    query.add_argument("--instances", type=int, default=None, help="instances to return")
+    query.add_argument("--views", type=int, default=None, help="training views to render")
+    query.add_argument("--min-relevancy", type=float, default=None,
                        help="the answer must beat the canonical negatives by this LERF relevancy (0: no check)")
     query.add_argument("--save", type=Path, default=None, help="write a picture of each answer's view into this folder")
-    query.set_defaults(func=lambda args: run_verb("query", _query, args))
+    query.set_defaults(func=_query)
 
 
 def _query(args) -> int:
     from m3_memory.core.checkpoint import load_memory
     from m3_memory.core.engine import QueryEngine, QueryOptions
 
-    options = QueryOptions(method=args.method, render=args.render, max_instances=args.instances,
-                           max_search_views=args.views, min_relevancy=args.min_relevancy,
-                           **({"negatives": tuple(args.negatives)} if args.negatives else {}))
+    given = {"method": args.method, "render": args.render, "max_instances": args.instances,
+             "max_search_views": args.views, "min_relevancy": args.min_relevancy,
+             "negatives": tuple(args.negatives) if args.negatives else None}
+    options = QueryOptions(**{name: value for name, value in given.items() if value is not None})
     memory, _ = load_memory(args.memory)
     engine = QueryEngine(memory, args.model)
     started = time.monotonic()

@@ -5,7 +5,7 @@ import json
 import time
 from pathlib import Path
 
-from m3_memory.cli.common import add_settings, progress_bar, run_verb
+from m3_memory.cli.common import add_settings, progress_bar
 from m3_memory.core.pipeline import DEFAULT_TRAIN_CONFIG
 
 
@@ -16,7 +16,7 @@ def register(verbs) -> None:
     train.add_argument("--config", type=Path, default=None, help=f"training YAML (default {DEFAULT_TRAIN_CONFIG})")
     add_settings(train, "override settings, e.g. --set iterations=500 densify.refine_every=50")
     train.add_argument("--out", type=Path, default=None, help="checkpoint path (default SCENE/memory.pt)")
-    train.set_defaults(func=lambda args: run_verb("train", _train, args))
+    train.set_defaults(func=_train)
 
 
 def _train(args) -> int:
@@ -29,7 +29,8 @@ def _train(args) -> int:
     scene = Scene.load(args.scene)
     config = load_train_config(args.config, parse_overrides(args.set))
     started = time.monotonic()
-    features = scene_features(scene, args.scene, args.models, lambda model: progress_bar(f"features {model}"))
+    features = scene_features(scene, args.scene, args.models, lambda model: progress_bar(f"features {model}"),
+                              device=config.device)
     output = args.out or args.scene / "memory.pt"
     bar = tqdm(total=config.iterations, desc="train", unit="it")
 

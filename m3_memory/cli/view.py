@@ -7,12 +7,6 @@ import threading
 from pathlib import Path
 
 
-def run_view(args) -> int:
-    from m3_memory.cli.common import run_verb
-
-    return run_verb("view", _view, args)
-
-
 def _view(args) -> int:
     from m3_memory.core.checkpoint import load_memory
     from m3_memory.viewer import Viewer
@@ -35,4 +29,4 @@ def register(verbs) -> None:
     view.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: reachable from other computers)")
     view.add_argument("--port", type=int, default=8080)
     view.add_argument("--model", default=None, help="which of the memory's models to query (default: the first)")
-    view.set_defaults(func=run_view)
+    view.set_defaults(func=_view)

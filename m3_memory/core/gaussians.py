@@ -1,7 +1,8 @@
 """The M3 Gaussian scene: 3DGS parameters plus one principal-query slice per foundation model.
 
 Parameters live in an `nn.ParameterDict` under the names gsplat's `DefaultStrategy` expects, so densification (clone,
-split, prune, opacity reset) is gsplat's code acting on every tensor alike, the queries included:
+split, prune) is gsplat's code acting on every tensor alike, the queries included. The periodic opacity reset is ours,
+`reset_opacities` (gsplat 1.5.3's never fires: `step % reset_every == 0 & step > 0` is always false):
 
     means [N, 3]  scales [N, 3] (log)  quats [N, 4] (w, x, y, z)  opacities [N] (logit)
     sh0 [N, 1, 3]  shN [N, K-1, 3]  (K = (sh_degree + 1)²)   queries [N, l] (l = Σ per-model query dims)
@@ -54,6 +55,20 @@ class GaussianConfig:
     init_opacity: float = 0.1
     init_scale_neighbours: int = 3   # initial scale: mean distance to this many nearest points
     query_init_std: float = 0.1      # principal queries start as small random vectors (then learned)
+
+
+@torch.no_grad()
+def reset_opacities(params: nn.ParameterDict, optimizer: torch.optim.Adam, ceiling: float) -> None:
+    """3DGS's opacity reset: every opacity (logit `params["opacities"]: [N]`) is clamped to at most `ceiling` in (0, 1)
+    and Adam's moments of all of them are zeroed (their step counts kept), so stale momentum does not undo the reset.
+    In place: the Parameter and the optimizer's references to it stay the same."""
+    if not 0 < ceiling < 1:
+        raise ValueError(f"opacity reset ceiling must lie in (0, 1), got {ceiling}")
+    opacities = params["opacities"]
+    opacities.clamp_(max=float(torch.logit(torch.tensor(ceiling))))
+    for key, value in optimizer.state.get(opacities, {}).items():
+        if key != "step":
+            value.zero_()
 
 
 class GaussianModel(nn.Module):

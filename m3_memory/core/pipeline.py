@@ -5,7 +5,9 @@ from pathlib import Path
 
 import yaml
 
-DEFAULT_TRAIN_CONFIG = Path(__file__).resolve().parents[2] / "config" / "train.yaml"
+from m3_memory.core.resources import share_file
+
+DEFAULT_TRAIN_CONFIG = share_file("config/train.yaml")
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -26,10 +28,12 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def merge(base: dict, overrides: dict) -> dict:
-    """`base` with `overrides` applied, nested dicts merged key by key."""
+    """`base` with `overrides` applied, nested dicts merged key by key (a mapping given for a plain value replaces it,
+    so that the settings check names the setting)."""
     merged = dict(base)
     for key, value in overrides.items():
-        merged[key] = merge(merged.get(key) or {}, value) if isinstance(value, dict) else value
+        inner = merged.get(key)
+        merged[key] = merge(inner if isinstance(inner, dict) else {}, value) if isinstance(value, dict) else value
     return merged
 
 
@@ -42,16 +46,17 @@ def load_train_config(path: Path | None, overrides: dict):
     return TrainConfig.from_dict(merge(base, overrides))
 
 
-def scene_features(scene, scene_dir: Path, models: list[str], progress=None) -> dict:
+def scene_features(scene, scene_dir: Path, models: list[str], progress=None, device: str | None = None) -> dict:
     """Cached dense features of every view for each named model → `{name: ViewFeatures}`; `progress(model)` gives
-    the `extract_scene` progress callback of each model."""
+    the `extract_scene` progress callback of each model; `device` (the training's) runs every model there, None or
+    auto leaves each model's own `device` setting (itself auto by default)."""
     from m3_memory.core.features.cache import FeatureCache, extract_scene
     from m3_memory.core.features.registry import build_extractor
     from m3_memory.core.trainer import ViewFeatures
 
     features = {}
     for name in models:
-        extractor = build_extractor(name)
+        extractor = build_extractor(name, **({} if device in (None, "auto") else {"device": device}))
         maps = extract_scene(scene, extractor, FeatureCache(Path(scene_dir) / "features", extractor),
                              progress=None if progress is None else progress(name))
         features[name] = ViewFeatures(identity=extractor.identity.to_json(), maps=maps)

@@ -3,7 +3,7 @@
 Per iteration: render one training view (colour + principal queries), RGB loss (L1 + D-SSIM), then for each model decode
 the rendered queries of `feature_samples` random pixels through its memory attention (or another decoder, as the
 distillation baseline's MLP) and compare with the raw features there (cosine + L2). Adam with 3DGS learning rates;
-densification is gsplat's `DefaultStrategy`.
+densification is gsplat's `DefaultStrategy`, the opacity reset ours (`DensifyConfig.reset_opacity`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 
 from m3_memory.core.checkpoint import Memory, load_memory, save_memory
 from m3_memory.core.errors import M3Error
-from m3_memory.core.gaussians import GaussianConfig, GaussianModel
+from m3_memory.core.gaussians import GaussianConfig, GaussianModel, reset_opacities
 from m3_memory.core.losses import feature_loss, psnr, rgb_loss
 from m3_memory.core.memory import MemoryAttention, PSCConfig, principal_scene_components
 from m3_memory.core.scene import INIT_METHODS, Scene, initial_points
@@ -48,11 +48,13 @@ class LearningRates:
 
 @dataclass
 class DensifyConfig:
-    """gsplat DefaultStrategy settings (3DGS defaults for 30k iterations; scale them with the schedule)."""
+    """gsplat DefaultStrategy settings (3DGS defaults for 30k iterations; scale them with the schedule), and our
+    opacity reset, which gsplat 1.5.3 never applies (its `step % reset_every == 0 & step > 0` is always false)."""
     refine_start_iter: int = 300
     refine_stop_iter: int = 1200
     refine_every: int = 100
-    reset_every: int = 1500
+    reset_every: int = 1500        # opacity reset interval; gsplat also prunes world-space giants only after it
+    reset_opacity: bool = False    # clamp opacities to 2 × prune_opa every reset_every steps before refine_stop_iter
     grow_grad2d: float = 4e-4      # 3DGS's 2e-4 grew the demo to 341k Gaussians (60k here), ~3x slower on CPU
     prune_opa: float = 0.005
 
@@ -335,6 +337,8 @@ def train(scene: Scene, features: dict[str, ViewFeatures], config: TrainConfig, 
         for group in optimizers["means"].param_groups:
             group["lr"] *= decay
         strategy.step_post_backward(model.params, optimizers, strategy_state, step, out["meta"], packed=False)
+        if d.reset_opacity and 0 < step < d.refine_stop_iter and step % d.reset_every == 0:
+            reset_opacities(model.params, optimizers["opacities"], 2 * d.prune_opa)
         last = {"loss": loss.item(), "rgb": loss_rgb.item(), "feat": loss_feat.item()}
         done = step + 1
         if callback is not None and (done % config.log_every == 0 or done == config.iterations):

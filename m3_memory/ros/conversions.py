@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from geometry_msgs.msg import Pose, Transform
-from sensor_msgs.msg import CameraInfo, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from tf2_msgs.msg import TFMessage
 
 from m3_memory.core.geometry import pose_from_xyzw, xyzw_from_pose
@@ -116,3 +116,74 @@ def image_to_depth(msg: Image) -> np.ndarray:
         depth = _pixels(msg, np.float32, 1).astype(np.float32)
         return np.nan_to_num(depth, nan=0.0, posinf=0.0, neginf=0.0)
     raise ImageEncodingError(f"depth encoding {msg.encoding!r} unsupported; use 16UC1 (mm) or 32FC1 (m)")
+
+
+# compressed_depth_image_transport's header before the PNG: int32 format (0 = inverse depth) and two float32
+# quantisation parameters (depth = A / (q - B) for 32FC1 sources; unused for 16UC1), in the publisher's byte order
+# (little endian on every platform ROS ships for).
+_DEPTH_HEADER = np.dtype([("format", "<i4"), ("quant", "<f4", (2,))])
+
+
+def _imdecode(data, mode: str, what: str) -> np.ndarray:
+    """OpenCV's decode of JPEG/PNG bytes `data` with `mode` ("IMREAD_COLOR": `[H, W, 3]` BGR; "IMREAD_UNCHANGED")."""
+    try:
+        import cv2
+    except ImportError as exc:
+        raise ImageEncodingError(f"decoding {what} needs OpenCV (pip install opencv-python-headless)") from exc
+    buffer = np.frombuffer(bytes(data), dtype=np.uint8)
+    image = cv2.imdecode(buffer, getattr(cv2, mode)) if buffer.size else None
+    if image is None or image.size == 0:
+        raise ImageEncodingError(f"{what}: {buffer.size} bytes are not a decodable image")
+    return image
+
+
+def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
+    """compressed_image_transport colour (`format` e.g. "rgb8; jpeg compressed bgr8", "png") → `[H, W, 3]` uint8 RGB.
+    OpenCV decodes JPEG/PNG to BGR whatever the source encoding was (the plugin compresses colour as bgr8)."""
+    if "compressedDepth" in msg.format:
+        raise ImageEncodingError(f"colour topic carries a compressedDepth image ({msg.format!r}): use the colour "
+                                 "stream's compressed topic")
+    image = _imdecode(msg.data, "IMREAD_COLOR", f"compressed colour image ({msg.format!r})")
+    return np.ascontiguousarray(image[..., ::-1])
+
+
+def compressed_to_depth(msg: CompressedImage) -> np.ndarray:
+    """Compressed depth → `[H, W]` float32 metres, 0 = no depth: compressed_depth_image_transport's `format`
+    "16UC1; compressedDepth png" (a 12-byte header, then a 16-bit PNG of millimetres) or "32FC1; compressedDepth png"
+    (the PNG holds quantised inverse depth q: depth = A / (q - B), q = 0 no depth), or compressed_image_transport's
+    16-bit PNG ("16UC1; png compressed 16UC1")."""
+    encoding, _, method = (part.strip() for part in msg.format.partition(";"))
+    data = msg.data
+    if "compressedDepth" in method or not method:  # no ';' at all: the oldest compressedDepth publishers
+        if method not in ("", "compressedDepth", "compressedDepth png"):
+            raise ImageEncodingError(f"compressedDepth format {msg.format!r} unsupported; only png (the default)")
+        if len(data) <= _DEPTH_HEADER.itemsize:
+            raise ImageEncodingError(f"compressedDepth image of {len(data)} bytes has no data after its "
+                                     f"{_DEPTH_HEADER.itemsize}-byte header")
+        header = np.frombuffer(bytes(data[:_DEPTH_HEADER.itemsize]), dtype=_DEPTH_HEADER)[0]
+        data = data[_DEPTH_HEADER.itemsize:]
+    elif "png" not in method:
+        raise ImageEncodingError(f"compressed depth format {msg.format!r} unsupported: depth must be PNG "
+                                 "(JPEG would change the distances)")
+    q = _imdecode(data, "IMREAD_UNCHANGED", f"compressed depth image ({msg.format!r})")
+    if q.dtype != np.uint16 or q.ndim != 2:
+        raise ImageEncodingError(f"compressed depth PNG must be one 16-bit channel, got {q.dtype} "
+                                 f"{'x'.join(map(str, q.shape))}")
+    if encoding in ("16UC1", "mono16"):
+        return q.astype(np.float32) * 0.001
+    if encoding == "32FC1" and "compressedDepth" in method:
+        a, b = (float(v) for v in header["quant"])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            depth = np.where(q > 0, a / (q.astype(np.float32) - b), 0.0).astype(np.float32)
+        return np.nan_to_num(depth, nan=0.0, posinf=0.0, neginf=0.0)
+    raise ImageEncodingError(f"compressed depth source encoding {encoding!r} unsupported; use 16UC1 (mm) or 32FC1 (m)")
+
+
+def color_to_rgb(msg: Image | CompressedImage) -> np.ndarray:
+    """Either colour message → `[H, W, 3]` uint8 RGB."""
+    return compressed_to_rgb(msg) if isinstance(msg, CompressedImage) else image_to_rgb(msg)
+
+
+def depth_to_metres(msg: Image | CompressedImage) -> np.ndarray:
+    """Either depth message → `[H, W]` float32 metres."""
+    return compressed_to_depth(msg) if isinstance(msg, CompressedImage) else image_to_depth(msg)

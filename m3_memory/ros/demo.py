@@ -5,7 +5,9 @@ replays the demo bag into the live graph (`m3 play`), stops the scan, trains a m
 waits for the memory server to load it, asks /m3/locate for every object of the scene and prints each target with its
 error against the demo's ground truth. With `--json` the last line of output is one JSON object:
 `{"objects": [{"query", "target", "truth", "error_m", "success"}], "train_s", "locate_ms_mean", "locate_ms_p95"}`.
-Settings: m3_bringup/config/demo.yaml.
+Settings: m3_bringup/config/demo.yaml. The nodes run in `--workdir` (default `<cache>/demo_run`, the cache being
+`$M3_CACHE_DIR` or `~/.cache/m3_memory`): their log `m3_demo_nodes.log`, the scans/, memories/ and answer pictures/ go
+there, never into the directory the demo was started from.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import numpy as np
 import yaml
 
 BRINGUP = ("m3_bringup", "scan_and_grasp.launch.py")
+NODE_LOG = "m3_demo_nodes.log"
 
 
 @dataclass
@@ -35,13 +38,23 @@ class DemoConfig:
 
     @classmethod
     def load(cls, path: Path, overrides: dict) -> "DemoConfig":
-        from m3_memory.core.pipeline import merge
+        """`path`'s settings with `overrides` (`--set`) merged in; ValueError naming an unknown or mistyped setting,
+        `train_overrides` included, before anything runs (not after the scan, when the trainer would refuse them)."""
+        from m3_memory.core.pipeline import load_train_config, merge
 
         data = merge(yaml.safe_load(path.read_text()) or {}, overrides)
-        unknown = set(data) - {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown demo settings {sorted(unknown)} in {path}")
-        return cls(**data)
+            raise ValueError(f"unknown demo settings {unknown} (in {path} or --set); known: {sorted(known)}")
+        defaults = cls()
+        for name, value in data.items():
+            kind = type(getattr(defaults, name))
+            if not (isinstance(value, kind) or kind is float and type(value) is int):
+                raise ValueError(f"demo setting {name} must be {kind.__name__}, got {value!r}")
+        config = cls(**data)
+        load_train_config(None, config.train_overrides)   # ConfigError: "unknown training settings ...; known: ..."
+        return config
 
 
 def default_config_path() -> Path:
@@ -111,22 +124,20 @@ class Operator:
         if not self.train.wait_for_server(timeout_sec=max(0.0, deadline - time.monotonic())):
             raise RuntimeError(f"the m3/train action did not appear within {timeout:.0f} s: see the node log")
 
-    def wait(self, future, timeout: float, what: str):
-        self.rclpy.spin_until_future_complete(self.node, future, timeout_sec=timeout)
-        if not future.done():
-            raise RuntimeError(f"{what}: no answer within {timeout:.0f} s")
-        return future.result()
-
     def trigger(self, client, what: str, timeout: float = 30.0) -> str:
         from std_srvs.srv import Trigger
 
-        answer = self.wait(client.call_async(Trigger.Request()), timeout, what)
+        from m3_memory.ros.graph_client import spin_until
+
+        answer = spin_until(self.node, client.call_async(Trigger.Request()), timeout, what)
         if not answer.success:
             raise RuntimeError(f"{what} failed: {answer.message}")
         return answer.message
 
     def train_memory(self, scene_dir: str, overrides: dict, timeout: float):
         from m3_msgs.action import Train
+
+        from m3_memory.ros.graph_client import send_goal, wait_result
 
         goal = Train.Goal(scene_dir=scene_dir, config_overrides=yaml.safe_dump(overrides) if overrides else "")
         last = [0.0]
@@ -138,10 +149,10 @@ class Operator:
                 self.log(f"  training {f.iteration}/{f.total_iterations}: loss {f.loss:.4f}, "
                          f"{f.elapsed_seconds:.0f} s elapsed, ETA {f.eta_seconds:.0f} s")
 
-        handle = self.wait(self.train.send_goal_async(goal, feedback_callback=on_feedback), 30, "train goal")
+        handle = send_goal(self.node, self.train, "m3/train", goal, on_feedback)
         if not handle.accepted:
             raise RuntimeError("the trainer rejected the goal: see the node log")
-        result = self.wait(handle.get_result_async(), timeout, "training").result
+        _, result = wait_result(self.node, handle, timeout)
         if not result.success:
             raise RuntimeError(f"training failed: {result.message}")
         return result
@@ -157,8 +168,10 @@ class Operator:
     def ask(self, query: str, timeout: float):
         from m3_msgs.srv import Locate
 
-        return self.wait(self.locate.call_async(Locate.Request(query=query, return_heatmap=True)), timeout,
-                         f"locate {query!r}")
+        from m3_memory.ros.graph_client import spin_until
+
+        return spin_until(self.node, self.locate.call_async(Locate.Request(query=query, return_heatmap=True)),
+                          timeout, f"locate {query!r}")
 
     def close(self) -> None:
         self.node.destroy_node()
@@ -190,6 +203,12 @@ def ground_truth(scene_dir: Path) -> list[dict]:
     return [{"query": o["phrases"][0], "truth": np.asarray(o["center"], dtype=float)} for o in objects]
 
 
+def default_workdir() -> Path:
+    from m3_memory.core.resources import cache_dir
+
+    return cache_dir() / "demo_run"
+
+
 def start_bringup(workdir: Path, log_path: Path) -> subprocess.Popen:
     ros2 = Path(sys.prefix) / "bin" / "ros2"
     command = [str(ros2) if ros2.exists() else "ros2", "launch", *BRINGUP]
@@ -212,7 +231,7 @@ def run_demo(config: DemoConfig, workdir: Path, log: Log) -> dict:
     log(f"demo scene ({config.scene_size})")
     scene_dir = demo_scene(config.scene_size, progress=log)
     workdir.mkdir(parents=True, exist_ok=True)
-    node_log = workdir / "m3_demo_nodes.log"
+    node_log = workdir / NODE_LOG
     log(f"starting {' '.join(BRINGUP)} (node output: {node_log})")
     bringup = start_bringup(workdir, node_log)
     operator = Operator(log)
@@ -274,16 +293,16 @@ def table(report: dict, success_m: float) -> str:
 
 
 def run(args) -> int:
+    from m3_memory.cli.common import FAILED
     from m3_memory.core.pipeline import parse_overrides
 
-    log = Log(to_stderr=args.json)
+    config = DemoConfig.load(args.config or default_config_path(), parse_overrides(args.set))
+    workdir = (args.workdir or default_workdir()).expanduser().resolve()
     try:
-        overrides = parse_overrides(args.set)
-        config = DemoConfig.load(args.config or default_config_path(), overrides)
-        report = run_demo(config, args.workdir.resolve(), log)
-    except (RuntimeError, ValueError, OSError, subprocess.CalledProcessError) as exc:
-        log(f"failed: {exc}")
-        return 1
+        report = run_demo(config, workdir, Log(to_stderr=args.json))
+    except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:
+        print(f"m3 demo: failed: {exc} (node output: {workdir / NODE_LOG})", file=sys.stderr)
+        return FAILED
     if args.json:
         print(json.dumps(report))
     else:
@@ -292,10 +311,13 @@ def run(args) -> int:
 
 
 def register(verbs) -> None:
+    from m3_memory.cli.common import add_settings
+
     parser = verbs.add_parser("demo", help="scan → train → locate on the demo bag through the ROS 2 nodes")
     parser.add_argument("--json", action="store_true", help="last line of output: the result as one JSON object")
     parser.add_argument("--config", type=Path, default=None, help="demo settings (default m3_bringup/config/demo.yaml)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override demo settings, e.g. scene_size=tiny train_overrides.iterations=300")
-    parser.add_argument("--workdir", type=Path, default=Path("."), help="where the nodes run (scans/ goes there)")
+    add_settings(parser, "override demo settings, e.g. scene_size=tiny train_overrides.iterations=300")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where the nodes run: their log, scans/, memories/, pictures/ (default: "
+                             "$M3_CACHE_DIR/demo_run, or ~/.cache/m3_memory/demo_run)")
     parser.set_defaults(func=run)

@@ -25,10 +25,15 @@ def import_interface(type_name: str):
         module = importlib.import_module(f"{package}.{kind}")
     except ImportError as exc:
         raise ImportError(f"interface package {package!r} is not installed (build it, or run `make setup`)") from exc
-    try:
-        return getattr(module, name)
-    except AttributeError:
-        raise ImportError(f"{package}/{kind} has no interface named {name!r}") from None
+    found = getattr(module, name, None)
+    action, _, part = name.partition("_")
+    if found is None and kind == "action" and part and hasattr(module, action):
+        # An action's own topics and services are typed e.g. m3_msgs/action/Train_FeedbackMessage (the feedback
+        # topic) or Train_SendGoal: classes of the action's generated module that the package does not export.
+        found = getattr(importlib.import_module(getattr(module, action).__module__), name, None)
+    if found is None:
+        raise ImportError(f"{package}/{kind} has no interface named {name!r}")
+    return found
 
 
 def first_string_field(message) -> str | None:

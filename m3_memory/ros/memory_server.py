@@ -1,17 +1,27 @@
 """Memory server node: answers `/m3/locate` from a trained M3 memory.
 
-Loads the checkpoint named by the `checkpoint` parameter (the operator's choice), and again whenever the trainer
-announces a new one on `m3/checkpoint`: announced paths must resolve under `memory_root` (the trainer's `output_root`),
-anything else is refused. A new memory replaces the old one only once it has loaded and passed the format's checks. Each request is one call of the core query
-engine (`QueryEngine.answer`): this node only finds the view (the request's pose, else the camera's latest pose from
-TF, else none: the whole memory is searched, unless `search_without_camera` is false) and converts messages.
+At start it serves the memory named by the `checkpoint` parameter (`ros2 launch ... checkpoint:=PATH`): the operator
+chose that path, so it may lie anywhere, but it is read with the same safe loader and checks as any other (a
+safetensors m3 memory; pickled `m3-memory/1` files are refused). Later memories arrive when the trainer announces one
+on `m3/checkpoint`: announced paths must resolve under `memory_root` (the trainer's `output_root`) or this robot's
+memories in `storage_root` (where the trainer keeps a scan goal's memory), anything else is refused. A new memory
+replaces the old one only once it has loaded and passed the format's checks.
+
+Each request is one call of the core query engine (`QueryEngine.answer`): this node only finds the view (the
+request's pose, else the camera's latest pose from TF, else none: the whole memory is searched, unless
+`search_without_camera` is false) and converts messages.
+
+Names: every topic and service is relative (`m3/...`, `camera_info_topic` default `camera/color/camera_info`), so the
+node's namespace moves them all; only `/tf` and `/tf_static` are absolute, as tf2's are. CameraInfo is read best-effort
+(sensor-data QoS), which reliable and best-effort camera drivers both deliver to.
 
 Answers are in the request's `frame_id`, else the `world_frame` parameter, else the memory's own frame. The answer is
 also published for the arm (`m3/grasp_target`, PoseStamped), for people (`m3/heatmap`, Image; `m3/markers`,
 MarkerArray) and as the matching Gaussians (`m3/matches`, PointCloud2); the memory itself is published latched as
 `m3/memory_cloud` (every `cloud_decimation`-th Gaussian), and with `viewer_port` > 0 the browser viewer
 (`m3 view`) follows the memory served. Until a memory exists every request gets `success: false`
-and a message; bad requests likewise, never a crash.
+and a message (a request that arrives while the first memory is loading waits for it, up to
+`FIRST_LOAD_WAIT_SECONDS`); bad requests likewise, never a crash.
 """
 from __future__ import annotations
 
@@ -19,6 +29,7 @@ import dataclasses
 import threading
 import time
 import traceback
+from pathlib import Path
 
 import numpy as np
 from geometry_msgs.msg import Point, PoseStamped, Vector3
@@ -26,6 +37,7 @@ from m3_msgs.msg import Instance, MemoryStatus
 from m3_msgs.srv import Locate
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
+from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 from std_msgs.msg import Header, String
 from tf2_msgs.msg import TFMessage
@@ -37,15 +49,18 @@ from m3_memory.core.errors import M3Error
 from m3_memory.core.export import point_cloud as memory_points
 from m3_memory.core.paths import confine
 from m3_memory.core.query import validate_query
+from m3_memory.core.storage import Storage
 from m3_memory.core.transforms import TransformBuffer
 from m3_memory.core.views import Camera
 from m3_memory.ros.clouds import point_cloud
 from m3_memory.ros.conversions import add_transforms, camera_info_K, matrix_to_pose, pose_to_matrix
 from m3_memory.ros.qos import LATCHED, TF_QOS, TF_STATIC_QOS
 from m3_memory.ros.spin import spin_node
+from m3_memory.ros.transfer import MemorySync, own_robot
 
 NO_MEMORY = "no memory loaded yet: record a scan and train one with the /m3/train action"
 HEATMAP_VIEW_FRAME = "m3_heatmap_view"
+FIRST_LOAD_WAIT_SECONDS = 20.0   # within ros2 service call's default 30 s timeout
 
 
 class LoadedMemory:
@@ -95,6 +110,8 @@ class MemoryServer(Node):
         self.viewer_host, self.viewer_port = p("viewer_host", "127.0.0.1").value, p("viewer_port", 0).value
         self.viewer = None
         self._lock = threading.Lock()
+        self._loading = 0   # loads in progress; a request arriving before the first memory waits for them
+        self._load_ended = threading.Condition(self._lock)
         self.loaded: LoadedMemory | None = None
         self.camera_info: CameraInfo | None = None
         self.tf = TransformBuffer(history_ns=30 * 10**9)
@@ -108,18 +125,23 @@ class MemoryServer(Node):
         self.create_subscription(TFMessage, "/tf", lambda m: self.on_tf(m, False), TF_QOS, callback_group=inputs)
         self.create_subscription(TFMessage, "/tf_static", lambda m: self.on_tf(m, True), TF_STATIC_QOS,
                                  callback_group=inputs)
-        self.create_subscription(CameraInfo, p("camera_info_topic", "/camera/color/camera_info").value,
-                                 self.on_camera_info, 1, callback_group=inputs)
+        self.create_subscription(CameraInfo, p("camera_info_topic", "camera/color/camera_info").value,
+                                 self.on_camera_info, qos_profile_sensor_data, callback_group=inputs)
         self.create_subscription(String, "m3/checkpoint", self.on_checkpoint, LATCHED,
                                  callback_group=MutuallyExclusiveCallbackGroup())
         # Reentrant: concurrent locate calls are served in parallel by the multi-threaded executor.
         self.create_service(Locate, "m3/locate", self.on_locate, callback_group=ReentrantCallbackGroup())
         checkpoint = p("checkpoint", "").value
         if checkpoint:
-            self.load(checkpoint)
+            self.load(str(Path(checkpoint).expanduser().resolve()))
         else:
             self.publish_status(NO_MEMORY)
         self.get_logger().info("serving /m3/locate")
+        self.sync = MemorySync.from_parameters(self, self.load)   # memory_source set: memories from a worker
+        # A trainer on this disk writes a directory goal's memory under memory_root (its output_root), a scan goal's
+        # under this robot's memories in storage_root (declared with MemorySync): announced paths may lie in either.
+        robot = self.get_parameter("robot").value or own_robot(self)
+        self.announced_roots = [self.memory_root, Storage(self.get_parameter("storage_root").value).memories_dir(robot)]
 
     # --- inputs -------------------------------------------------------------------------------------------------
     def on_tf(self, msg: TFMessage, static: bool) -> None:
@@ -135,7 +157,7 @@ class MemoryServer(Node):
 
     def on_checkpoint(self, msg: String) -> None:
         try:
-            path = str(confine(msg.data, [self.memory_root], "announced memory"))
+            path = str(confine(msg.data, self.announced_roots, "announced memory"))
         except M3Error as exc:
             self.get_logger().error(f"not loading {msg.data!r}: {exc}")
             self.publish_status(f"refused {msg.data!r}: {exc}")
@@ -143,14 +165,22 @@ class MemoryServer(Node):
         self.load(path)
 
     def load(self, path: str) -> None:
+        with self._lock:
+            self._loading += 1
+        loaded, problem = None, ""
         try:
             loaded = LoadedMemory(path, self.model)
         except (M3Error, OSError, ValueError) as exc:
-            self.get_logger().error(f"cannot load memory {path}: {exc}")
-            self.publish_status(f"cannot load {path}: {exc}")
+            problem = str(exc)
+        finally:
+            with self._lock:
+                self._loading -= 1
+                self.loaded = loaded or self.loaded
+                self._load_ended.notify_all()
+        if loaded is None:
+            self.get_logger().error(f"cannot load memory {path}: {problem}")
+            self.publish_status(f"cannot load {path}: {problem}")
             return
-        with self._lock:
-            self.loaded = loaded
         memory = loaded.memory
         self.get_logger().info(f"memory {path} loaded: {len(memory.gaussians)} Gaussians, models {memory.models}, "
                                f"querying {loaded.engine.model!r}")
@@ -227,6 +257,8 @@ class MemoryServer(Node):
     def on_locate(self, request: Locate.Request, response: Locate.Response) -> Locate.Response:
         started = time.monotonic()
         with self._lock:
+            # the first memory is being loaded (just announced by the trainer): answer from it, not "no memory"
+            self._load_ended.wait_for(lambda: self.loaded is not None or not self._loading, FIRST_LOAD_WAIT_SECONDS)
             loaded = self.loaded
         try:
             validate_query(request.query, self.options.max_query_chars)   # a bad query is told so before all else

@@ -1,13 +1,19 @@
 """Recorder node: turns the camera stream and the robot's TF tree into a posed scene directory.
 
-Subscribes to colour, aligned depth, CameraInfo, `/tf` and `/tf_static`. Each colour frame (paired with the depth frame
-of the same stamp) waits up to `wait_seconds` for the transforms around its stamp and is posed as soon as they arrive,
+Subscribes to colour, aligned depth, CameraInfo, `/tf` and `/tf_static`. Camera topics are relative (they follow the
+node's namespace, so `namespace:=robot1` moves the whole robot); `/tf` and `/tf_static` stay absolute, as in ROS. Images
+come raw (sensor_msgs/Image) or through an image_transport transport (`color_transport: compressed` for JPEG/PNG,
+`depth_transport: compressedDepth` for RealSense's PNG depth, or a topic name ending in `/compressed` or
+`/compressedDepth`), decoded with OpenCV. `image_reliability: auto` subscribes as the publishers offer (as rosbag2 does):
+reliable for reliable publishers, so none of their frames is lost, best effort when a publisher is best effort
+(sensor-data QoS), re-checked every second. Each colour frame (paired with the depth frame of the same stamp) waits up to `wait_seconds` for the transforms around its stamp and is posed as soon as they arrive,
 by composing the chain world ← lidar ← base ← arm base ← end effector ← camera at the image stamp (eq. 3 of the M3
 paper); it then goes through keyframe selection (motion, blur) and is appended crash-safely to the scene
 (m3_memory.core.scene.SceneWriter).
 
-Threads: TF has a callback group of its own, so transforms are taken in while frames are decided; chosen keyframes go
-through a bounded queue to a writer thread (PNG encoding, fsync), so no callback waits on the disk.
+Threads: the streams (TF, images, CameraInfo) are taken in on a thread of their own (m3_memory.ros.intake), so a 50 Hz
+/tf keeps up while frames are decided, services answered and keyframes written; chosen keyframes go through a bounded
+queue to a writer thread (PNG encoding, fsync), so no callback waits on the disk.
 
 Every colour frame that arrives while recording ends in exactly one count (seen = kept + rejections): kept, or rejected
 as out_of_order, unsynchronised (no depth partner), no_camera_info, bad_camera_info, bad_image, stale / gap / no_path
@@ -17,7 +23,10 @@ A jump back in time (a bag replayed again) clears the transform history, as tf2 
 cleanly (scene closed, status published, the reason logged and answered by the next stop). Temporary files that a killed
 recorder left in earlier scans are removed at start.
 
-Services `m3/recorder/start` and `m3/recorder/stop` (std_srvs/Trigger); status on `m3/recorder/status` (latched).
+Services `m3/recorder/start` and `m3/recorder/stop` (std_srvs/Trigger); status on `m3/recorder/status` (latched): the
+counts add up there too (frames_seen = frames_kept + frames_rejected + frames_pending, frames_rejected = the sum of
+reject_counts), with frames_dropped, transforms_ignored and a message saying why a scan stopped itself or the last
+problem.
 """
 from __future__ import annotations
 
@@ -25,6 +34,7 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,7 +44,7 @@ from m3_msgs.msg import RecorderStatus
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-from sensor_msgs.msg import CameraInfo, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_srvs.srv import Trigger
 from tf2_msgs.msg import TFMessage
 
@@ -42,12 +52,17 @@ from m3_memory.core.atomic import remove_stale_temps
 from m3_memory.core.recording import FrameError, KeyframeConfig, KeyframeSelector, check_intrinsics, missing_frames
 from m3_memory.core.scene import SceneMeta, SceneWriter
 from m3_memory.core.transforms import TransformBuffer, TransformError
-from m3_memory.ros.conversions import (ImageEncodingError, add_transforms, camera_info_K, image_to_depth, image_to_rgb,
+from m3_memory.ros.conversions import (ImageEncodingError, add_transforms, camera_info_K, color_to_rgb, depth_to_metres,
                                        stamp_ns)
-from m3_memory.ros.qos import LATCHED, TF_QOS, TF_STATIC_QOS
+from m3_memory.ros.intake import IntakeThread, offered_reliability
+from m3_memory.ros.qos import LATCHED, TF_INTAKE_QOS, TF_STATIC_QOS
 from m3_memory.ros.spin import spin_node
+from m3_memory.ros.transfer import serve_scans
 
-IMAGE_QOS = QoSProfile(depth=30, reliability=ReliabilityPolicy.RELIABLE)
+IMAGE_DEPTH = 30  # frames a subscription holds: 1-2 s of a camera stream behind a busy process
+RELIABILITY = {"reliable": ReliabilityPolicy.RELIABLE, "best_effort": ReliabilityPolicy.BEST_EFFORT}
+# image_transport transports per stream: the subscribed topic is `<topic>/<transport>` (raw: `<topic>` itself)
+TRANSPORTS = {"color": ("raw", "compressed"), "depth": ("raw", "compressed", "compressedDepth")}
 KEYFRAME_CHOICES = ("no_motion", "blurred")  # rejections that are keyframe selection, not faults: not logged
 # Each kind of problem is logged the first few times in full, then at most every few seconds (a broken stream at 30 Hz
 # must not flood the log, but the first bad frames must each say what is wrong).
@@ -59,8 +74,8 @@ class PendingFrame:
     stamp_ns: int
     frame_id: str
     received: float  # monotonic seconds, for the wall-clock give-up
-    rgb: Image | None = None
-    depth: Image | None = None
+    rgb: Image | CompressedImage | None = None
+    depth: Image | CompressedImage | None = None
 
 
 @dataclass
@@ -73,6 +88,19 @@ class Keyframe:
     depth: np.ndarray | None
     c2w: np.ndarray
     K: np.ndarray
+
+
+@dataclass
+class ImageStream:
+    """One camera stream: `topic` as configured plus its transport suffix, `resolved` in the node's namespace,
+    `msg_type` Image (raw) or CompressedImage, and the subscription with the reliability it was made with."""
+
+    topic: str
+    resolved: str
+    msg_type: type
+    callback: Callable
+    subscription: object = None
+    reliability: ReliabilityPolicy | None = None
 
 
 @dataclass
@@ -89,14 +117,17 @@ class Scan:
     last_color_ns: int | None = None
     transforms_ignored: int = 0
     fault: str | None = None  # why the scan stopped itself
+    problem: str = ""  # the last rejection (other than keyframe choices) or ignored transform, for the status
+
+    def fps(self) -> float:
+        return 1e9 / float(np.median(self.steps_ns)) if len(self.steps_ns) >= 3 else 0.0
 
     def summary(self) -> str:
         text = (f"kept {self.kept} of {self.seen} frames into {self.root}; rejected: "
                 + (", ".join(f"{k} {v}" for k, v in sorted(self.rejected.items())) or "none"))
         dropped = missing_frames(self.steps_ns)
         if dropped:
-            fps = 1e9 / float(np.median(self.steps_ns))
-            text += f"; dropped {dropped} (missing from the {fps:.1f} Hz stream, never received)"
+            text += f"; dropped {dropped} (missing from the {self.fps():.1f} Hz stream, never received)"
         if self.transforms_ignored:
             text += f"; ignored {self.transforms_ignored} malformed transforms"
         return text
@@ -119,9 +150,16 @@ class Recorder(Node):
         self.keyframe_config = KeyframeConfig(
             min_translation_m=p("min_translation_m", 0.08).value, min_rotation_deg=p("min_rotation_deg", 7.0).value,
             blur_ratio=p("blur_ratio", 0.5).value)
-        color_topic = p("color_topic", "/camera/color/image_raw").value
-        depth_topic = p("depth_topic", "/camera/aligned_depth_to_color/image_raw").value
-        info_topic = p("camera_info_topic", "/camera/color/camera_info").value
+        self.streams = [
+            self._stream("color", p("color_topic", "camera/color/image_raw").value, p("color_transport", "raw").value,
+                         self.on_color),
+            self._stream("depth", p("depth_topic", "camera/aligned_depth_to_color/image_raw").value,
+                         p("depth_transport", "raw").value, self.on_depth)]
+        info_topic = p("camera_info_topic", "camera/color/camera_info").value
+        reliability = p("image_reliability", "auto").value
+        if reliability != "auto" and reliability not in RELIABILITY:
+            raise ValueError(f"image_reliability {reliability!r} unknown; use auto, {', '.join(RELIABILITY)}")
+        self.image_reliability = RELIABILITY.get(reliability)  # None: as the publishers offer
 
         # Intake (images, TF) runs beside the frame decisions; the lock guards what they share (buffer, pending, counts).
         self.lock = threading.Lock()
@@ -131,22 +169,54 @@ class Recorder(Node):
         self.last_scan: Scan | None = None
         self._logged: dict[str, tuple[int, float]] = {}  # problem kind → (times logged, monotonic time of the last)
         self._clean_interrupted_writes()
-        frames, intake, tf = (MutuallyExclusiveCallbackGroup() for _ in range(3))
+        frames = MutuallyExclusiveCallbackGroup()
         self.status_pub = self.create_publisher(RecorderStatus, "m3/recorder/status", LATCHED)
-        self.create_subscription(Image, color_topic, self.on_color, IMAGE_QOS, callback_group=intake)
-        self.create_subscription(Image, depth_topic, self.on_depth, IMAGE_QOS, callback_group=intake)
-        self.create_subscription(CameraInfo, info_topic, self.on_camera_info, qos_profile_sensor_data,
-                                 callback_group=intake)
-        self.create_subscription(TFMessage, "/tf", lambda m: self.on_tf(m, static=False), TF_QOS, callback_group=tf)
-        self.create_subscription(TFMessage, "/tf_static", lambda m: self.on_tf(m, static=True), TF_STATIC_QOS,
-                                 callback_group=tf)
+        self.intake = IntakeThread(self)
+        self.intake.subscribe(CameraInfo, info_topic, self.on_camera_info, qos_profile_sensor_data)
+        self.intake.subscribe(TFMessage, "/tf", lambda m: self.on_tf(m, static=False), TF_INTAKE_QOS)
+        self.intake.subscribe(TFMessage, "/tf_static", lambda m: self.on_tf(m, static=True), TF_STATIC_QOS)
+        self.subscribe_images()
+        if self.image_reliability is None:
+            self.intake.node.create_timer(1.0, self.subscribe_images)
         self.create_service(Trigger, "m3/recorder/start", self.on_start, callback_group=frames)
         self.create_service(Trigger, "m3/recorder/stop", self.on_stop, callback_group=frames)
+        self.transfer = serve_scans(self, self.output_root, lambda: [s.root for s in (self.scan, self.last_scan) if s
+                                                                     and s.writer and s.writer.is_alive()])
         self.create_timer(0.02, self.tick, callback_group=frames)
         self.create_timer(1.0, self.publish_status, callback_group=frames)
         self.publish_status()
-        self.get_logger().info(f"ready: call m3/recorder/start to scan ({color_topic}, {depth_topic}, TF to "
-                               f"{self.world_frame}); scenes go below {self.output_root}")
+        self.get_logger().info(f"ready: call m3/recorder/start to scan ({', '.join(s.resolved for s in self.streams)}, "
+                               f"TF to {self.world_frame}); scenes go below {self.output_root}")
+
+    def _stream(self, name: str, topic: str, transport: str, callback) -> ImageStream:
+        """The stream of `topic` through image_transport `transport`; a topic that ends in a transport's name (e.g.
+        `.../compressed`) is that transport's topic already."""
+        known = TRANSPORTS[name]
+        named = topic.rsplit("/", 1)[-1]
+        if named in known[1:]:
+            transport, subscribed = named, topic
+        elif transport in known:
+            subscribed = topic if transport == "raw" else f"{topic}/{transport}"
+        else:
+            raise ValueError(f"{name}_transport {transport!r} unknown; use one of {', '.join(known)}")
+        return ImageStream(subscribed, self.resolve_topic_name(subscribed),
+                           Image if transport == "raw" else CompressedImage, callback)
+
+    def subscribe_images(self) -> None:
+        """Subscribe each image stream with the configured reliability, or (auto) the one its publishers offer
+        (reliable until a publisher shows up); a stream whose publishers changed their offer is subscribed anew."""
+        for stream in self.streams:
+            wanted = self.image_reliability or offered_reliability(self.intake.node, stream.resolved) \
+                or ReliabilityPolicy.RELIABLE
+            if stream.subscription is not None and wanted == stream.reliability:
+                continue
+            old, stream.reliability = stream.subscription, wanted
+            stream.subscription = self.intake.subscribe(stream.msg_type, stream.topic, stream.callback,
+                                                        QoSProfile(depth=IMAGE_DEPTH, reliability=wanted))
+            if old is not None:
+                self.intake.unsubscribe(old)
+                self.get_logger().info(f"{stream.resolved}: its publishers offer {wanted.name.lower()}; "
+                                       f"subscribed {wanted.name.lower()}")
 
     def _clean_interrupted_writes(self) -> None:
         if not self.output_root.is_dir():
@@ -156,7 +226,11 @@ class Recorder(Node):
         if removed:
             self.get_logger().info(f"removed {len(removed)} temporary files of interrupted writes, e.g. {removed[0]}")
 
-    # --- inputs -------------------------------------------------------------------------------------------------
+    def destroy_node(self) -> None:
+        self.intake.stop()
+        super().destroy_node()
+
+    # --- inputs (on the intake thread) --------------------------------------------------------------------------
     def warn(self, kind: str, text: str) -> None:
         times, last = self._logged.get(kind, (0, 0.0))
         now = time.monotonic()
@@ -167,8 +241,9 @@ class Recorder(Node):
     def on_tf(self, msg: TFMessage, static: bool) -> None:
         with self.lock:
             intake = add_transforms(self.buffer, msg, static, None)
-            if self.scan is not None:
+            if self.scan is not None and intake.rejected:
                 self.scan.transforms_ignored += len(intake.rejected)
+                self.scan.problem = f"ignored {intake.rejected[-1]}"
         for problem in intake.rejected:
             self.warn("transform", f"ignoring {problem}")
         if intake.jumped_back_ns:
@@ -178,11 +253,11 @@ class Recorder(Node):
     def on_camera_info(self, msg: CameraInfo) -> None:
         self.camera_info = msg  # checked against each frame's image when the frame is decided
 
-    def on_color(self, msg: Image) -> None:
+    def on_color(self, msg: Image | CompressedImage) -> None:
         with self.lock:
             self._take_color(msg)
 
-    def _take_color(self, msg: Image) -> None:
+    def _take_color(self, msg: Image | CompressedImage) -> None:
         scan = self.scan
         if scan is None:
             return
@@ -194,6 +269,7 @@ class Recorder(Node):
                 self.get_logger().warning(f"camera time jumped back {-step * 1e-9:.3f} s: a new stream (bag replay?)")
             elif step <= 0:
                 scan.rejected["out_of_order"] += 1
+                scan.problem = f"frame at {stamp} ns arrived after {scan.last_color_ns} ns (out_of_order)"
                 self.warn("out_of_order", f"frame rejected (out_of_order): frame at {stamp} ns arrived after "
                                           f"{scan.last_color_ns} ns")
                 return
@@ -202,7 +278,7 @@ class Recorder(Node):
         scan.last_color_ns = stamp
         self._pending(stamp, msg.header.frame_id).rgb = msg
 
-    def on_depth(self, msg: Image) -> None:
+    def on_depth(self, msg: Image | CompressedImage) -> None:
         with self.lock:
             if self.scan is not None and self.require_depth:
                 self._pending(stamp_ns(msg.header.stamp), msg.header.frame_id).depth = msg
@@ -216,6 +292,8 @@ class Recorder(Node):
     def reject(self, scan: Scan, reason: str, detail: str) -> None:
         with self.lock:
             scan.rejected[reason] += 1
+            if reason not in KEYFRAME_CHOICES:
+                scan.problem = f"frame rejected ({reason}): {detail}"
         if reason not in KEYFRAME_CHOICES:
             self.warn(reason, f"frame rejected ({reason}): {detail}")
 
@@ -255,8 +333,8 @@ class Recorder(Node):
     def record(self, scan: Scan, frame: PendingFrame, waited: float) -> None:
         """Pose, check and select one complete frame; queues it for writing or raises why not."""
         try:
-            rgb = image_to_rgb(frame.rgb)
-            depth = image_to_depth(frame.depth) if frame.depth is not None else None
+            rgb = color_to_rgb(frame.rgb)
+            depth = depth_to_metres(frame.depth) if frame.depth is not None else None
         except ImageEncodingError as exc:
             raise FrameError("bad_image", str(exc)) from exc
         height, width = rgb.shape[:2]
@@ -377,6 +455,12 @@ class Recorder(Node):
                 status.scene_dir, status.frames_seen, status.frames_kept = str(scan.root), scan.seen, scan.kept
                 status.frames_rejected = sum(scan.rejected.values())
                 status.reject_reasons, status.reject_counts = reasons, [scan.rejected[r] for r in reasons]
+                status.frames_pending = scan.seen - scan.kept - status.frames_rejected
+                steps = list(scan.steps_ns)
+                status.transforms_ignored = scan.transforms_ignored
+                status.message = f"the scan stopped itself: {scan.fault}" if scan.fault else scan.problem
+            status.frames_dropped = missing_frames(steps)
+            status.measured_fps = scan.fps()
         self.status_pub.publish(status)
 
 

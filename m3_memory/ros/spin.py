@@ -1,6 +1,7 @@
 """The one way every m3 node process starts, spins and stops."""
 from __future__ import annotations
 
+import gc
 import signal
 import threading
 from collections.abc import Callable
@@ -51,4 +52,7 @@ def spin_node(factory: Callable[[], Node], args: list[str] | None = None, thread
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
+        # The node is gone; what remains is the interpreter's final collection of torch's and the memory's objects,
+        # measured at 6-9 s on a busy 2-core machine (past a launcher's stop grace). Nothing is left to finalise.
+        gc.freeze()
     return 0

@@ -3,6 +3,12 @@
 Messages are built with the rosbags typestore of ROS 2 Kilted and written in receive-time order; each message's
 bag time is its header stamp plus a transport latency, as `ros2 bag record` would log it. MCAP chunks are zstd
 compressed (rosbag2's `zstd_fast`-style storage compression), which any rosbag2 MCAP reader decodes.
+
+With `compressed="jpeg"` or `"png"` the bag also holds the image_transport topics a RealSense driver publishes beside
+the raw ones: `<colour>/compressed` (sensor_msgs/CompressedImage, "rgb8; jpeg compressed bgr8") and
+`<depth>/compressedDepth` ("16UC1; compressedDepth png": compressed_depth_image_transport's 12-byte header, then a
+16-bit PNG of millimetres); `camera_reliability="best_effort"` records the camera topics as offered with sensor-data
+QoS. `compress_bag` adds the same to a bag written earlier (e.g. the cached demo scene's).
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ TOPIC_INFO = "/camera/color/camera_info"
 TOPIC_TF = "/tf"
 TOPIC_TF_STATIC = "/tf_static"
 TOPIC_ODOM = "/odom"
+TOPIC_COLOR_COMPRESSED = TOPIC_COLOR + "/compressed"
+TOPIC_DEPTH_COMPRESSED = TOPIC_DEPTH + "/compressedDepth"
+CAMERA_TOPICS = (TOPIC_COLOR, TOPIC_DEPTH, TOPIC_INFO, TOPIC_COLOR_COMPRESSED, TOPIC_DEPTH_COMPRESSED)
 TOPIC_TYPES = {
     TOPIC_COLOR: "sensor_msgs/msg/Image",
     TOPIC_DEPTH: "sensor_msgs/msg/Image",
@@ -42,7 +51,10 @@ _LATENCY_NS = {
     TOPIC_TF: 500_000,
     TOPIC_ODOM: 2_000_000,
     TOPIC_TF_STATIC: 0,
+    TOPIC_COLOR_COMPRESSED: 14_000_000,  # after the raw image: the driver encodes it first
+    TOPIC_DEPTH_COMPRESSED: 15_000_000,
 }
+COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
 
 _T = TYPESTORE.types
 _INFINITE = QosTime(sec=9223372036, nsec=854775807)
@@ -62,9 +74,14 @@ def _qos(durability: QosDurability, reliability: QosReliability) -> Qos:
     )
 
 
-# /tf_static is latched (transient local) so late subscribers of a replay still get the static links.
-_QOS = {topic: _qos(QosDurability.VOLATILE, QosReliability.RELIABLE) for topic in TOPIC_TYPES}
-_QOS[TOPIC_TF_STATIC] = _qos(QosDurability.TRANSIENT_LOCAL, QosReliability.RELIABLE)
+def _offered_qos(topic: str, camera_reliability: str) -> Qos:
+    """What the publisher of `topic` offered: /tf_static latched (transient local) so late subscribers of a replay
+    still get the static links; camera topics reliable, or best effort (sensor-data QoS) if `camera_reliability` says."""
+    if topic == TOPIC_TF_STATIC:
+        return _qos(QosDurability.TRANSIENT_LOCAL, QosReliability.RELIABLE)
+    if topic in CAMERA_TOPICS and camera_reliability == "best_effort":
+        return _qos(QosDurability.VOLATILE, QosReliability.BEST_EFFORT)
+    return _qos(QosDurability.VOLATILE, QosReliability.RELIABLE)
 
 
 def _header(stamp_ns: int, frame_id: str):
@@ -99,6 +116,35 @@ def image_msg(stamp_ns: int, image: np.ndarray, encoding: str):
         step=len(data) // height,
         data=data,
     )
+
+
+def compressed_image_msg(stamp_ns: int, rgb: np.ndarray, fmt: str):
+    """`sensor_msgs/CompressedImage` of `rgb: [H, W, 3]` uint8 as compressed_image_transport sends it: `fmt` "jpeg"
+    (quality 95, its default) or "png", encoded from bgr8."""
+    import cv2
+
+    if fmt not in ("jpeg", "png"):
+        raise ValueError(f"compressed colour format {fmt!r} unknown; use jpeg or png")
+    params = [cv2.IMWRITE_JPEG_QUALITY, 95] if fmt == "jpeg" else [cv2.IMWRITE_PNG_COMPRESSION, 3]
+    ok, data = cv2.imencode(".jpg" if fmt == "jpeg" else ".png", np.ascontiguousarray(rgb[..., ::-1]), params)
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {rgb.shape} image as {fmt}")
+    return _T["sensor_msgs/msg/CompressedImage"](header=_header(stamp_ns, CAMERA), format=f"rgb8; {fmt} compressed bgr8",
+                                                data=data.reshape(-1))
+
+
+def compressed_depth_msg(stamp_ns: int, depth_mm: np.ndarray):
+    """`sensor_msgs/CompressedImage` of `depth_mm: [H, W]` uint16 as compressed_depth_image_transport sends a 16UC1
+    image: format "16UC1; compressedDepth png", data = 12-byte header (int32 format 0, two float32 quantisation
+    parameters, unused for 16-bit depth) + the PNG."""
+    import cv2
+
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(depth_mm, dtype=np.uint16), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {depth_mm.shape} depth image as PNG")
+    header = np.zeros(1, dtype=[("format", "<i4"), ("quant", "<f4", (2,))]).view(np.uint8)
+    return _T["sensor_msgs/msg/CompressedImage"](header=_header(stamp_ns, CAMERA), format="16UC1; compressedDepth png",
+                                                data=np.concatenate([header, png.reshape(-1)]))
 
 
 def camera_info_msg(stamp_ns: int, K: np.ndarray, width: int, height: int):
@@ -163,14 +209,18 @@ class CameraFrame:
     depth_mm: np.ndarray
 
 
-def write_bag(path: Path, trajectory: Trajectory, frames: list[CameraFrame], K: np.ndarray) -> None:
-    """Write the rosbag2 directory `path` (must not exist): camera, TF, static TF and odometry topics."""
+def write_bag(path: Path, trajectory: Trajectory, frames: list[CameraFrame], K: np.ndarray,
+              compressed: str | None = None, camera_reliability: str = "reliable") -> None:
+    """Write the rosbag2 directory `path` (must not exist): camera, TF, static TF and odometry topics; `compressed`
+    ("jpeg", "png") adds the compressed colour and compressedDepth topics (module docstring)."""
     height, width = frames[0].rgb.shape[:2]
     messages: list[tuple[int, str, object]] = []  # (stamp_ns, topic, message)
     for frame in frames:
         messages.append((frame.stamp_ns, TOPIC_COLOR, image_msg(frame.stamp_ns, frame.rgb, "rgb8")))
         messages.append((frame.stamp_ns, TOPIC_DEPTH, image_msg(frame.stamp_ns, frame.depth_mm, "16UC1")))
         messages.append((frame.stamp_ns, TOPIC_INFO, camera_info_msg(frame.stamp_ns, K, width, height)))
+        if compressed is not None:
+            messages += _compressed_messages(frame.stamp_ns, frame.rgb, frame.depth_mm, compressed)
     tf_message = _T["tf2_msgs/msg/TFMessage"]
     for stamp, pose in zip(trajectory.odom_stamps_ns, trajectory.world_T_lidar, strict=True):
         messages.append(
@@ -187,14 +237,50 @@ def write_bag(path: Path, trajectory: Trajectory, frames: list[CameraFrame], K: 
     statics = [_transform_stamped(first, parent, child, pose) for parent, child, pose in trajectory.static_transforms()]
     messages.append((first, TOPIC_TF_STATIC, tf_message(transforms=statics)))
     messages.sort(key=lambda item: item[0] + _LATENCY_NS[item[1]])
+    _write(path, [(stamp + _LATENCY_NS[topic], topic, msg) for stamp, topic, msg in messages], camera_reliability)
 
+
+def _compressed_messages(stamp_ns: int, rgb: np.ndarray, depth_mm: np.ndarray, fmt: str) -> list:
+    return [(stamp_ns, TOPIC_COLOR_COMPRESSED, compressed_image_msg(stamp_ns, rgb, fmt)),
+            (stamp_ns, TOPIC_DEPTH_COMPRESSED, compressed_depth_msg(stamp_ns, depth_mm))]
+
+
+def _msgtype(topic: str) -> str:
+    return COMPRESSED_TYPE if topic in (TOPIC_COLOR_COMPRESSED, TOPIC_DEPTH_COMPRESSED) else TOPIC_TYPES[topic]
+
+
+def _write(path: Path, messages: list[tuple[int, str, object]], camera_reliability: str) -> None:
+    """Write `(bag time ns, topic, message)` items, in that order, as the MCAP bag `path`."""
+    if camera_reliability not in ("reliable", "best_effort"):
+        raise ValueError(f"camera_reliability {camera_reliability!r} unknown; use reliable or best_effort")
     writer = Writer(path, version=9, storage_plugin=StoragePlugin.MCAP)
     writer.set_compression(CompressionMode.STORAGE, CompressionFormat.ZSTD)
     with writer:
-        connections = {
-            topic: writer.add_connection(topic, msgtype, typestore=TYPESTORE, offered_qos_profiles=[_QOS[topic]])
-            for topic, msgtype in TOPIC_TYPES.items()
-        }
-        for stamp, topic, msg in messages:
-            data = TYPESTORE.serialize_cdr(msg, TOPIC_TYPES[topic])
-            writer.write(connections[topic], stamp + _LATENCY_NS[topic], data)
+        connections = {}
+        for topic in dict.fromkeys(topic for _, topic, _ in messages):
+            connections[topic] = writer.add_connection(topic, _msgtype(topic), typestore=TYPESTORE,
+                                                       offered_qos_profiles=[_offered_qos(topic, camera_reliability)])
+        for bag_ns, topic, msg in messages:
+            writer.write(connections[topic], bag_ns, TYPESTORE.serialize_cdr(msg, _msgtype(topic)))
+
+
+def compress_bag(src: Path, dst: Path, compressed: str = "jpeg", camera_reliability: str = "reliable") -> None:
+    """Copy the demo bag `src` to the new bag `dst` with the compressed colour and compressedDepth topics added
+    (encoded from its raw images, `compressed` "jpeg" or "png") and the camera topics offered as `camera_reliability`."""
+    from rosbags.rosbag2 import Reader
+
+    messages = []
+    with Reader(src) as reader:
+        for connection, bag_ns, raw in reader.messages():
+            msg = TYPESTORE.deserialize_cdr(raw, connection.msgtype)
+            messages.append((bag_ns, connection.topic, msg))
+            if connection.topic == TOPIC_COLOR:
+                rgb = np.frombuffer(msg.data, np.uint8).reshape(msg.height, msg.width, 3)
+                stamp = msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
+                messages.append((bag_ns + 2_000_000, TOPIC_COLOR_COMPRESSED, compressed_image_msg(stamp, rgb, compressed)))
+            elif connection.topic == TOPIC_DEPTH:
+                depth = np.frombuffer(msg.data, np.uint16).reshape(msg.height, msg.width)
+                stamp = msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
+                messages.append((bag_ns + 2_000_000, TOPIC_DEPTH_COMPRESSED, compressed_depth_msg(stamp, depth)))
+    messages.sort(key=lambda item: item[0])
+    _write(dst, messages, camera_reliability)

@@ -9,6 +9,15 @@ import argparse
 from pathlib import Path
 
 
+def scene_size(text: str) -> str:
+    """argparse type of `--size`: one of the generator's sizes (a wrong one is a usage error, exit code 2)."""
+    from m3_memory.sim import SIZES
+
+    if text not in SIZES:
+        raise argparse.ArgumentTypeError(f"unknown scene size {text!r}; choose one of {sorted(SIZES)}")
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
@@ -16,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="new output directory (default: the cache, $M3_CACHE_DIR or ~/.cache/m3_memory)",
     )
-    parser.add_argument("--size", default="demo", help="tiny (unit tests, ~1 s) or demo (~50 keyframes, ~25 s)")
+    parser.add_argument("--size", default="demo", type=scene_size,
+                        help="tiny (unit tests, ~1 s), demo (~50 keyframes, ~25 s) or unseen (a layout no default "
+                             "was tuned on)")
     parser.add_argument("--seed", type=int, default=0, help="object layout, timing jitter and dropped frames")
 
 
@@ -40,6 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m m3_memory.sim --out DIR [--size tiny|demo] [--seed N]`."""
+    from m3_memory.cli.common import run_verb
+
     parser = argparse.ArgumentParser(prog="python -m m3_memory.sim", description=__doc__)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_verb("demo-scene", run, parser.parse_args(argv))

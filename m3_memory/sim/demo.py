@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
+from m3_memory.core.resources import cache_dir  # root of generated data (re-exported by m3_memory.sim)
 from m3_memory.core.scene import SceneMeta, SceneWriter, encode_depth, save_png_atomic
 from m3_memory.sim.bag import CameraFrame, write_bag
 from m3_memory.sim.robot import WORLD, RigConfig, TimingConfig, make_trajectory
@@ -195,11 +196,6 @@ def generate(out: Path, config: SimConfig, seed: int = 0, progress: Callable[[st
     }
     progress(f"done: {summary}")
     return summary
-
-
-def cache_dir() -> Path:
-    """Root of generated data: `$M3_CACHE_DIR`, default `~/.cache/m3_memory`."""
-    return Path(os.environ.get("M3_CACHE_DIR", "~/.cache/m3_memory")).expanduser()
 
 
 def demo_scene(

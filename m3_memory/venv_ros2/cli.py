@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--full", action="store_true", help="print long arrays (image data) in full")
     service_list = service.add_parser("list", help="list services")
     service_list.add_argument("-t", "--show-types", action="store_true")
+    service_list.add_argument("--include-hidden-services", action="store_true",
+                              help="also the hidden ones (an action's _action/... services)")
     service_type = service.add_parser("type", help="print a service's type")
     service_type.add_argument("service")
     service_type.add_argument("--timeout", type=float, default=5.0)
@@ -47,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command", metavar="COMMAND", required=True)
     topic_list = topic.add_parser("list", help="list topics")
     topic_list.add_argument("-t", "--show-types", action="store_true")
+    topic_list.add_argument("--include-hidden-topics", action="store_true",
+                            help="also the hidden ones (an action's _action/feedback and _action/status)")
     echo = topic.add_parser("echo", help="print messages of a topic")
     echo.add_argument("topic")
     echo.add_argument("type", nargs="?")
@@ -56,7 +61,25 @@ def build_parser() -> argparse.ArgumentParser:
     echo.add_argument("--full", action="store_true", help="print long arrays in full")
 
     node = verbs.add_parser("node", help="list nodes").add_subparsers(dest="command", metavar="COMMAND", required=True)
-    node.add_parser("list", help="list running nodes")
+    node_list = node.add_parser("list", help="list running nodes")
+    node_list.add_argument("-a", "--all", action="store_true", help="also hidden nodes (names starting with _)")
+
+    action = verbs.add_parser("action", help="send goals to actions, list them").add_subparsers(
+        dest="command", metavar="COMMAND", required=True)
+    send_goal = action.add_parser("send_goal", help="send a goal: NAME [TYPE] [GOAL as YAML]; Ctrl-C cancels it")
+    send_goal.add_argument("action")
+    send_goal.add_argument("type", nargs="?", help="e.g. m3_msgs/action/Train; looked up on the ROS graph when left out")
+    send_goal.add_argument("goal", nargs="?", help='YAML like "{scene_dir: scans/scan_1}", or a bare phrase for the '
+                           "first string field")
+    send_goal.add_argument("-f", "--feedback", action="store_true", help="echo the goal's feedback messages")
+    send_goal.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the action server")
+    send_goal.add_argument("--full", action="store_true", help="print long arrays of the result in full")
+    action_list = action.add_parser("list", help="list actions")
+    action_list.add_argument("-t", "--show-types", action="store_true")
+    info = action.add_parser("info", help="the clients and servers of an action")
+    info.add_argument("action")
+    info.add_argument("-t", "--show-types", action="store_true")
+    info.add_argument("-c", "--count", action="store_true", help="only the numbers of clients and servers")
     return parser
 
 
@@ -76,9 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         ("topic", "list"): verbs.topic_list,
         ("topic", "echo"): verbs.topic_echo,
         ("node", "list"): verbs.node_list,
+        ("action", "send_goal"): verbs.action_send_goal,
+        ("action", "list"): verbs.action_list,
+        ("action", "info"): verbs.action_info,
     }
     try:
         return handlers[(args.verb, getattr(args, "command", None))](args)
     except (FileNotFoundError, ValueError, ImportError) as exc:
         print(f"ros2: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:   # `ros2 topic echo ... | head`: the reader has gone; stop quietly, as ros2cli does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -1,27 +1,18 @@
-"""One short-lived rclpy node for command-line look-ups on the ROS graph."""
+"""Waiting for the ROS graph of a short-lived command-line node (`graph_client.client_node`) to be discovered."""
 from __future__ import annotations
 
-import contextlib
 import time
 
-# DDS discovery of a freshly started node takes a few hundred ms (seconds on a loaded machine); graph queries before
-# that see only the node itself.
-DISCOVERY_TIMEOUT = 5.0
-STABLE_SECONDS = 0.5
-
-
-@contextlib.contextmanager
-def cli_node(name: str = "m3_ros2_cli"):
-    import rclpy
-    from rclpy.node import Node
-
-    rclpy.init()
-    node = Node(name, start_parameter_services=False)
-    try:
-        yield node
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+# A fresh process discovers the graph over seconds, one participant at a time, each when its process answers our
+# announcement: with the bringup running on this project's loaded 2-core machine the last of three node processes
+# came up to 1.9 s after the first (8 probes), and a process's topics may be known before its node name (its
+# /rosout publisher then belongs to "_NODE_NAME_UNKNOWN_"). A listing therefore waits until the graph, those owner
+# names included, has been quiet for SETTLE_SECONDS, or for GAP_FACTOR times the longest gap seen between two
+# discoveries when that is longer, within SETTLE_TIMEOUT; an empty graph is waited on for FIRST_NODE_TIMEOUT.
+FIRST_NODE_TIMEOUT = 5.0
+SETTLE_SECONDS = 2.5
+GAP_FACTOR = 2.0
+SETTLE_TIMEOUT = 10.0
 
 
 def wait_for_graph(node, predicate, timeout: float) -> bool:
@@ -36,20 +27,31 @@ def wait_for_graph(node, predicate, timeout: float) -> bool:
     return predicate()
 
 
-def settle(node, timeout: float = DISCOVERY_TIMEOUT) -> None:
-    """Spin until other nodes are discovered and the graph has stopped changing for a moment (or `timeout`)."""
-    def snapshot():
-        return (sorted(node.get_node_names_and_namespaces()), sorted(node.get_topic_names_and_types()),
-                sorted(node.get_service_names_and_types()))
+def graph_snapshot(node) -> tuple:
+    """Everything a listing prints (nodes, topics and services with their types), and the node owning each /rosout
+    publisher (every node has one), whose name is known only once that node's process has been fully discovered."""
+    return (sorted(node.get_node_names_and_namespaces()), sorted(node.get_topic_names_and_types()),
+            sorted(node.get_service_names_and_types()),
+            sorted(info.node_name for info in node.get_publishers_info_by_topic("/rosout")))
 
+
+def settle(node, first_node_timeout: float = FIRST_NODE_TIMEOUT, timeout: float = SETTLE_TIMEOUT) -> None:
+    """Spin until other nodes are discovered and the graph has stopped changing (see SETTLE_SECONDS), or `timeout`."""
     deadline = time.monotonic() + timeout
-    wait_for_graph(node, lambda: len(node.get_node_names_and_namespaces()) > 1, timeout)
-    last, stable_since = snapshot(), time.monotonic()
-    while time.monotonic() < deadline and time.monotonic() - stable_since < STABLE_SECONDS:
-        wait_for_graph(node, lambda: False, 0.1)
-        current = snapshot()
+    wait_for_graph(node, lambda: len(node.get_node_names_and_namespaces()) > 1, first_node_timeout)
+    last, changed, longest_gap = graph_snapshot(node), time.monotonic(), 0.0
+    while time.monotonic() < deadline and time.monotonic() - changed < max(SETTLE_SECONDS, GAP_FACTOR * longest_gap):
+        wait_for_graph(node, lambda: False, 0.05)
+        current = graph_snapshot(node)
         if current != last:
-            last, stable_since = current, time.monotonic()
+            now = time.monotonic()
+            longest_gap = max(longest_gap, now - changed)
+            last, changed = current, now
+
+
+def is_hidden(name: str) -> bool:
+    """ROS hides names with a part starting with `_` (an action's `_action/...` topics and services) from listings."""
+    return any(part.startswith("_") for part in name.split("/"))
 
 
 def lookup_type(names_and_types, name: str) -> str | None:

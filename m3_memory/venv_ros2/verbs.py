@@ -1,4 +1,4 @@
-"""`ros2 service ...`, `ros2 topic ...`, `ros2 node list` and `ros2 run` for the venv front end."""
+"""`ros2 service ...`, `ros2 topic ...`, `ros2 action ...`, `ros2 node list` and `ros2 run` for the venv front end."""
 from __future__ import annotations
 
 import os
@@ -7,18 +7,30 @@ import sys
 
 import yaml
 
-from m3_memory.ros.graph_client import call_service
+from m3_memory.ros.graph_client import call_service, cancel_goal, client_node, send_goal, wait_result
 from m3_memory.ros.interfaces import PRINT_MAX_SEQUENCE, fill_message, import_interface, message_to_data
 from m3_memory.venv_ros2 import executables
-from m3_memory.venv_ros2.graph import cli_node, lookup_type, settle, wait_for_graph
+from m3_memory.venv_ros2.graph import is_hidden, lookup_type, settle, wait_for_graph
 
 TYPE_NAME = re.compile(r"^[A-Za-z_][\w]*/(msg|srv|action)/[A-Za-z_]\w*$")
+CLI_NODE = "m3_ros2_cli"
+
+
+def to_yaml(message, full: bool = False) -> str:
+    data = message_to_data(message, None if full else PRINT_MAX_SEQUENCE)
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
 
 
 def print_yaml(message, full: bool = False) -> None:
-    data = message_to_data(message, None if full else PRINT_MAX_SEQUENCE)
-    sys.stdout.write(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
+    sys.stdout.write(to_yaml(message, full))
     sys.stdout.flush()
+
+
+def split_type(type_name: str | None, text: str | None) -> tuple[str | None, str | None]:
+    """`NAME [TYPE] [REQUEST]`: a lone second argument that is not a type name is the request."""
+    if type_name is not None and text is None and not TYPE_NAME.match(type_name):
+        return None, type_name
+    return type_name, text
 
 
 def parse_request(text: str | None):
@@ -35,11 +47,9 @@ def parse_request(text: str | None):
 def service_call(args) -> int:
     import rclpy
 
-    type_name, request_text = args.type, args.request
-    if type_name is not None and request_text is None and not TYPE_NAME.match(type_name):
-        type_name, request_text = None, type_name
+    type_name, request_text = split_type(args.type, args.request)
     if type_name is None:
-        with cli_node() as node:
+        with client_node(CLI_NODE) as node:
             wait_for_graph(node, lambda: lookup_type(node.get_service_names_and_types(), args.service), args.timeout)
             type_name = lookup_type(node.get_service_names_and_types(), args.service)
         if type_name is None:
@@ -67,18 +77,18 @@ def service_call(args) -> int:
 
 
 def service_list(args) -> int:
-    with cli_node() as node:
+    with client_node(CLI_NODE) as node:
         settle(node)
         own = node.get_fully_qualified_name() + "/"
         for name, types in sorted(node.get_service_names_and_types()):
-            if name.startswith(own):
+            if name.startswith(own) or (is_hidden(name) and not args.include_hidden_services):
                 continue
             print(f"{name} [{', '.join(types)}]" if args.show_types else name)
     return 0
 
 
 def service_type(args) -> int:
-    with cli_node() as node:
+    with client_node(CLI_NODE) as node:
         wait_for_graph(node, lambda: lookup_type(node.get_service_names_and_types(), args.service), args.timeout)
         found = lookup_type(node.get_service_names_and_types(), args.service)
     if found is None:
@@ -89,9 +99,11 @@ def service_type(args) -> int:
 
 
 def topic_list(args) -> int:
-    with cli_node() as node:
+    with client_node(CLI_NODE) as node:
         settle(node)
         for name, types in sorted(node.get_topic_names_and_types()):
+            if is_hidden(name) and not args.include_hidden_topics:
+                continue
             print(f"{name} [{', '.join(types)}]" if args.show_types else name)
     return 0
 
@@ -101,7 +113,7 @@ def topic_echo(args) -> int:
 
     import rclpy
 
-    with cli_node() as node:
+    with client_node(CLI_NODE) as node:
         type_name = args.type
         if type_name is None:
             wait_for_graph(node, lambda: lookup_type(node.get_topic_names_and_types(), args.topic), args.timeout)
@@ -134,13 +146,95 @@ def topic_echo(args) -> int:
 
 
 def node_list(args) -> int:
-    with cli_node() as node:
+    with client_node(CLI_NODE) as node:
         settle(node)
         own = node.get_fully_qualified_name()
         for name, namespace in sorted(node.get_node_names_and_namespaces()):
             full = f"{namespace.rstrip('/')}/{name}"
-            if full != own:
+            if full != own and (args.all or not is_hidden(full)):
                 print(full)
+    return 0
+
+
+def action_list(args) -> int:
+    from rclpy.action import get_action_names_and_types
+
+    with client_node(CLI_NODE) as node:
+        settle(node)
+        for name, types in sorted(get_action_names_and_types(node)):
+            print(f"{name} [{', '.join(types)}]" if args.show_types else name)
+    return 0
+
+
+def action_info(args) -> int:
+    from rclpy.action.graph import get_action_client_names_and_types_by_node, get_action_server_names_and_types_by_node
+
+    action = "/" + args.action.lstrip("/")
+    with client_node(CLI_NODE) as node:
+        settle(node)
+        ends = {"clients": [], "servers": []}
+        for name, namespace in sorted(node.get_node_names_and_namespaces()):
+            for kind, by_node in (("clients", get_action_client_names_and_types_by_node),
+                                  ("servers", get_action_server_names_and_types_by_node)):
+                ends[kind] += [(f"{namespace.rstrip('/')}/{name}", types) for found, types in by_node(node, name, namespace)
+                               if found == action]
+    print(f"Action: {action}")
+    for kind in ("clients", "servers"):
+        print(f"Action {kind}: {len(ends[kind])}")
+        for name, types in [] if args.count else ends[kind]:
+            print(f"    {name} [{', '.join(types)}]" if args.show_types else f"    {name}")
+    return 0
+
+
+def action_send_goal(args) -> int:
+    """ros2cli's `ros2 action send_goal`, same output; Ctrl-C cancels the goal. Exits 0 once the goal has finished,
+    whatever its status (as ros2cli does): the last line says which."""
+    from rclpy.action import ActionClient, get_action_names_and_types
+
+    type_name, goal_text = split_type(args.type, args.goal)
+    action = "/" + args.action.lstrip("/")
+    with client_node(CLI_NODE) as node:
+        if type_name is None:
+            wait_for_graph(node, lambda: lookup_type(get_action_names_and_types(node), action), args.timeout)
+            type_name = lookup_type(get_action_names_and_types(node), action)
+            if type_name is None:
+                print(f"action {action} not found on the ROS graph within {args.timeout:.0f} s; give its type "
+                      "(e.g. m3_msgs/action/Train) as the second argument", file=sys.stderr)
+                return 1
+        action_type = import_interface(type_name)
+        try:
+            goal = fill_message(action_type.Goal(), parse_request(goal_text))
+        except (ValueError, TypeError, AssertionError) as exc:
+            print(f"bad goal for {type_name}: {exc}", file=sys.stderr)
+            return 2
+
+        def on_feedback(message):
+            print(f"Feedback:\n    {to_yaml(message.feedback)}", flush=True)
+
+        client = ActionClient(node, action_type, action)
+        handle = None
+        try:
+            print("Waiting for an action server to become available...", flush=True)
+            if client.wait_for_server(timeout_sec=args.timeout):
+                print(f"Sending goal:\n     {to_yaml(goal)}", flush=True)
+            handle = send_goal(node, client, action, goal, on_feedback if args.feedback else None, args.timeout)
+            if not handle.accepted:
+                print("Goal was rejected.")
+                return 0
+            print(f"Goal accepted with ID: {bytes(handle.goal_id.uuid).hex()}\n", flush=True)
+            status, result = wait_result(node, handle)
+        except TimeoutError as exc:
+            print(str(exc), file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            if handle is not None and handle.accepted:
+                print("Canceling goal...", flush=True)
+                print("Goal canceled." if cancel_goal(node, handle) else "Failed to cancel goal", flush=True)
+            return 130
+        finally:
+            client.destroy()
+    print(f"Result:\n    {to_yaml(result, full=args.full)}")
+    print(f"Goal finished with status: {status}")
     return 0
 
 

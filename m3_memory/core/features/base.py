@@ -7,8 +7,9 @@ normalisation live here once. Features are unit-norm so a text embedding scores 
 
 from __future__ import annotations
 
-import hashlib
 import math
+import os
+import sys
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
@@ -87,21 +88,15 @@ def resolve_weights(config, default_path: str, hint: str) -> Path | None:
     return None
 
 
-_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+def force_offline() -> None:
+    """Make every Hugging Face Hub request of this process fail instead of downloading: models load from disk only.
 
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, memoised per (path, size, mtime) so large checkpoints are hashed once per process."""
-    path = Path(path)
-    stat = path.stat()
-    memo_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if memo_key not in _SHA_MEMO:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-        _SHA_MEMO[memo_key] = digest.hexdigest()
-    return _SHA_MEMO[memo_key]
+    huggingface_hub reads HF_HUB_OFFLINE once, when it is imported, so an already imported one is switched as well.
+    """
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
 
 
 def tile_offsets(length: int, tile: int, multiple: int) -> list[int]:

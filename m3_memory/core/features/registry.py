@@ -9,9 +9,10 @@ from typing import Callable
 import yaml
 
 from m3_memory.core.features.base import FeatureExtractor, FeatureModelError
+from m3_memory.core.resources import package_file, share_file
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-DEFAULT_CONFIG = PACKAGE_DIR.parents[2] / "config" / "features.yaml"
+PACKAGE_DIR = package_file("core/features")
+DEFAULT_CONFIG = share_file("config/features.yaml")
 PACKAGE_PREFIX = "package:"  # weights path relative to m3_memory/core/features/ (weights shipped in the repo)
 
 _KINDS: dict[str, type[FeatureExtractor]] = {}
@@ -21,8 +22,11 @@ _KINDS: dict[str, type[FeatureExtractor]] = {}
 class FeatureModelConfig:
     """One named feature model.
 
-    `kind` picks the class (`open_clip`, `timm_vit`, `tinyvlm`, `regions`); `arch` the architecture within it; `weights` a file
-    path (`~` expanded; relative to the YAML file; `package:` = shipped in m3_memory/core/features/);
+    `kind` picks the class (`open_clip`, `timm_vit`, `tinyvlm`, `regions`); `arch` the architecture within it;
+    `weights` a file path (`~` expanded; relative to the YAML file; `package:` = shipped in m3_memory/core/features/);
+    `pretrained` names published weights (an open_clip tag such as `openai`, or `hf-hub:org/name`) read offline from
+    the download cache (`cache_dir`, default the library's own); `device` is `auto` (cuda when available), `cpu` or
+    `cuda[:N]`;
     `min_side` upscales smaller images first (None = one tile); `allow_random_init` lets a model without weights run
     with random ones (tests only: identity says RANDOM-INIT).
     `options` holds kind-specific settings. `psc_threshold` is Algorithm 1's cosine θ for memories of this model
@@ -33,11 +37,13 @@ class FeatureModelConfig:
     kind: str
     arch: str = ""
     weights: str | None = None
+    pretrained: str | None = None
+    cache_dir: str | None = None
     tile_size: int | None = 224
     min_side: int | None = None
     output_stride: int = 4
     batch_size: int = 8
-    device: str = "cpu"
+    device: str = "auto"
     allow_random_init: bool = False
     options: dict = field(default_factory=dict)
     psc_threshold: float | None = None
@@ -49,7 +55,14 @@ class FeatureModelConfig:
             return None
         if self.weights.startswith(PACKAGE_PREFIX):
             return PACKAGE_DIR / self.weights[len(PACKAGE_PREFIX) :]
-        path = Path(self.weights).expanduser()
+        return self._path(self.weights)
+
+    def cache_path(self) -> Path | None:
+        """Resolved `cache_dir`, or None for the library's default download cache."""
+        return self._path(self.cache_dir) if self.cache_dir else None
+
+    def _path(self, text: str) -> Path:
+        path = Path(text).expanduser()
         return path if path.is_absolute() else self.base_dir / path
 
 
@@ -90,11 +103,20 @@ def load_configs(path: str | Path | None = None) -> tuple[str, dict[str, Feature
 
 
 def create_extractor(config: FeatureModelConfig, config_path: str | Path | None = None) -> FeatureExtractor:
-    """Build the extractor a config describes (`config_path` lets wrapper kinds look up the models they wrap)."""
+    """Build the extractor a config describes (`config_path` lets wrapper kinds look up the models they wrap).
+
+    `device: auto` becomes cuda when this machine has it, else cpu, before the model class sees the config.
+    """
+    from m3_memory.core.trainer import ConfigError, resolve_device  # one device rule for training and features
+
     _import_kinds()
     if config.kind not in _KINDS:
         raise FeatureModelError(f"model {config.name!r}: unknown kind {config.kind!r}; known kinds: {sorted(_KINDS)}")
-    return _KINDS[config.kind](config, config_path=config_path)
+    try:
+        device = resolve_device(str(config.device))
+    except ConfigError as exc:
+        raise FeatureModelError(f"model {config.name!r}: {exc}") from exc
+    return _KINDS[config.kind](replace(config, device=str(device)), config_path=config_path)
 
 
 def build_extractor(name: str | None = None, config_path: str | Path | None = None, **overrides) -> FeatureExtractor:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from m3_memory.core.features.base import FeatureExtractor, file_sha256, resolve_weights
+from m3_memory.core.features.base import FeatureExtractor, force_offline, resolve_weights
+from m3_memory.core.storage import file_sha256
 from m3_memory.core.features.registry import FeatureModelConfig, register_kind
 
 DOWNLOAD_HINT = (
@@ -26,6 +27,7 @@ class TimmVitExtractor(FeatureExtractor):
     `config.options` are passed to `timm.create_model`."""
 
     def __init__(self, config: FeatureModelConfig, config_path=None) -> None:
+        force_offline()  # timm would fetch a missing pretrained file from the Hugging Face Hub
         import timm  # only when a timm model is built
 
         path = resolve_weights(config, f"~/.cache/m3_memory/weights/{config.arch}.pth",

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from m3_memory.core.features.base import FeatureExtractor, FeatureModelError, file_sha256, resolve_weights
+from m3_memory.core.features.base import FeatureExtractor, FeatureModelError, resolve_weights
+from m3_memory.core.storage import file_sha256
 from m3_memory.core.features.registry import FeatureModelConfig, register_kind
 
 WEIGHTS_FORMAT = "m3-tinyvlm/1"

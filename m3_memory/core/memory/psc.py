@@ -11,19 +11,27 @@ Semantics (the authors' greedy cover, made precise):
   * θ must lie in (0, 1 − δ): every row is then in its own J. Use θ = 0.9999 for "exact duplicates only" (SEEM).
 
 The plain form computes a [chunk, N] similarity block for every chunk of rows, O(N²·d). This implementation keeps
-exactly the same rows but only does work for rows whose fate is open, so it costs about (kept + rejected) · N · d:
+exactly the same rows with far less work. Kept rows' neighbourhoods are disjoint (a row is kept only if none of its
+neighbours is used), so the used rows are partitioned among the kept rows: ``members[b]`` lists kept row b's
+neighbourhood, and a row i in it lies within arccos θ of b. Hence a row p can only have a used neighbour in members[b]
+if s(p, b) ≥ 2θ² − 1 (triangle inequality on the sphere), and such a neighbour almost always lies in the
+neighbourhood of one of p's few most similar kept rows. Rows are walked in windows of the next ``chunk`` unused rows:
 
-  * a row used before its turn is skipped. Windows hold the next ``chunk`` unused rows; one [w, w] product inside the
-    window and one [w, t] product against the kept bank answer everything that does not need the whole scene;
-  * a row with no kept row within angle 2·arccos θ (s < 2θ² − 1) cannot have a used neighbour (triangle inequality on the
-    sphere), so it is kept without looking at the other N rows. Only the remaining rows are *evaluated*: up to ``batch``
-    of them at a time in one pass over all rows in column blocks (memory O(batch · block), never N × N), which gives per
-    row "a neighbour is already used" and, per pair of evaluated rows, "their neighbourhoods overlap";
-  * kept rows mark their neighbourhood used in the next pass (marking and evaluating share passes);
-  * a sequential walk over the window applies Algorithm 1 literally with these facts, so the kept set is exact;
+  * one [w, t] product against the kept rows gives each window row its nearby kept rows; a used neighbour is searched
+    in their member lists (most similar first; large lists in slices, rim first). A neighbour found rejects the row.
+  * one [w, w] product inside the window gives which window rows cover which, and which may share a neighbour;
+  * a row with no used neighbour (proven: no nearby kept row, or compared with all rows in a pass) is kept; if it may
+    share a neighbour with a kept row of this window that is not marked yet, and no window row is a common neighbour,
+    a pass settles it. A pass is one product of all rows (column blocks of ``block``) with the kept rows to mark and
+    up to ``batch`` open rows ahead, chosen as if each were kept (skipping rows an earlier chosen one covers): it
+    marks the former, and gives each of the latter "a neighbour is used" and its neighbourhood, so a later-kept one is
+    marked without another pass. After new marks, open rows near them are tested against the new member lists.
+  * so full passes are about (kept + rejected rows without a nearby witness) / batch, and the rest of the work is
+    (window rows) × (members of their nearby kept rows) · d;
   * decisions are screened in float32 with a worst-case rounding bound δ; pairs within δ of θ are recomputed in float64.
 
-Memory: O(N) flags, the normalised rows (N × d float32) and O(chunk · block) work.
+Memory: O(N) flags and owner indices, the normalised rows (N × d float32), member lists (at most N indices) and
+O(chunk² + chunk · block) work.
 """
 from __future__ import annotations
 
@@ -35,6 +43,14 @@ import torch
 
 # Largest number of row pairs recomputed in float64 at once.
 _EXACT_PAIRS = 65536
+# Bank rows per open row whose neighbourhoods are searched first for a used neighbour.
+_FIRST_OWNERS = 4
+# Window rows searched for a used neighbour at a time, ahead of the walk.
+_LOOKAHEAD = 1024
+# Most entries of one masked product testing several small neighbourhoods at once.
+_GROUP_ENTRIES = 1 << 18
+# Members of a large neighbourhood tested at a time (rows that found a neighbour drop out).
+_SLICE = 256
 
 
 @dataclass(frozen=True)
@@ -44,7 +60,8 @@ class PSCConfig:
     threshold: cosine θ above which a row joins a component (CLIP ~0.9, DINOv2 ~0.75, SEEM 0.9999, ...).
     chunk: rows per window (its [chunk, chunk] self-similarity is held at once).
     block: rows per column block of a pass over all rows; work memory is about batch × block float32.
-    batch: most rows evaluated (compared with all N rows) in one pass.
+    batch: most open rows compared with all N rows in one pass (their neighbourhoods, at most block × batch
+      indices in all, are kept until those rows are decided).
     """
 
     threshold: float
@@ -111,6 +128,21 @@ def _full_fp32_matmul():
         torch.backends.cuda.matmul.allow_tf32 = cuda_tf32
 
 
+@contextlib.contextmanager
+def _single_thread(device: torch.device):
+    """On CPU, run the walk's many small ops on one thread (a thread team costs more than they do, far more on a
+    loaded machine); yields the caller's thread count, for the large products of a pass (_Greedy.product)."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu":
+        yield threads
+        return
+    torch.set_num_threads(1)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(threads)
+
+
 class _Rows:
     """Read access to features [N, d] held as a torch tensor, a numpy array or a numpy memmap (not loaded at once)."""
 
@@ -146,12 +178,14 @@ class _Rows:
 class _Greedy:
     """One run of Algorithm 1 over the valid (non-zero) rows, addressed by pool position 0..M-1.
 
-    unit: [M, d] float32 normalised rows on the device; idx: [M] int64 CPU global row index of each pool row;
-    used: [M] bool on the device; bank: [t, d] float32 unit rows of the kept rows (all marked used between windows).
+    threads: CPU threads for the products of a pass. unit: [M, d] float32 normalised rows on the device; idx: [M] int64
+    CPU global row index of each pool row;
+    owner: [M] int64 on the device, the bank position of the kept row whose neighbourhood holds the row (-1: unused);
+    banks: the kept rows' unit rows in pieces, in bank order; members[b]: pool positions of bank row b's neighbourhood.
     """
 
-    def __init__(self, rows: _Rows, cfg: PSCConfig, device: torch.device):
-        self.rows, self.cfg = rows, cfg
+    def __init__(self, rows: _Rows, cfg: PSCConfig, device: torch.device, threads: int = 1):
+        self.rows, self.cfg, self.threads = rows, cfg, threads
         self.theta = float(cfg.threshold)
         self.delta = screening_margin(rows.d)
         if not 0.0 < self.theta < 1.0 - self.delta:
@@ -172,20 +206,40 @@ class _Greedy:
             m += k
         self.unit = self.unit[:m]
         self.idx = torch.nonzero(valid).squeeze(1)
-        self.used = torch.zeros(m, dtype=torch.bool, device=device)
-        self.bank = self.unit[:0]
+        self.owner = torch.full((m,), -1, dtype=torch.int64, device=device)
+        self.banks: list[torch.Tensor] = []
+        self.members: list[torch.Tensor] = []
         self.kept: list[int] = []
 
     def at_least(self, sims: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Exact s ≥ θ for screening values sims [P, Q] of pool rows a [P] × b [Q] (device tensors) -> [P, Q] bool."""
         hit = sims >= self.theta + self.delta
-        band = torch.nonzero((sims > self.theta - self.delta) & ~hit)
+        band = torch.nonzero((sims - self.theta).abs_() < self.delta)
         for s in range(0, band.shape[0], _EXACT_PAIRS):
             i, j = band[s:s + _EXACT_PAIRS].T
             ga, gb = self.idx[a[i].cpu()], self.idx[b[j].cpu()]
             exact = exact_cosine(self.rows.gather(ga), self.rows.gather(gb)) >= self.theta
             hit[i, j] = exact.to(hit.device)
         return hit
+
+    def product(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a [P, d] @ b [Q, d]ᵀ -> [P, Q], on the caller's CPU threads (see _single_thread)."""
+        if self.threads == 1 or a.device.type != "cpu":
+            return a @ b.T
+        torch.set_num_threads(self.threads)
+        try:
+            return a @ b.T
+        finally:
+            torch.set_num_threads(1)
+
+    def any_at_least(self, sims: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """at_least(sims, a, b).any(dim=1) -> [P] bool, exact; only rows whose largest value is uncertain go further."""
+        top = sims.max(dim=1).values
+        out = top >= self.theta + self.delta
+        unsure = torch.nonzero(~out & (top > self.theta - self.delta)).squeeze(1)
+        if unsure.numel():
+            out[unsure] = self.at_least(sims[unsure], a[unsure], b).any(dim=1)
+        return out
 
     def run(self) -> torch.Tensor:
         """Walk all rows, one window of ``chunk`` unused rows at a time; returns kept pool positions [t] ascending."""
@@ -194,7 +248,7 @@ class _Greedy:
             found = []  # unused rows from cursor on, read in pieces rather than one scan of the tail per window
             n_found = 0
             while cursor < m and n_found < self.cfg.chunk:
-                piece = torch.nonzero(~self.used[cursor:cursor + step]).squeeze(1) + cursor
+                piece = torch.nonzero(self.owner[cursor:cursor + step] < 0).squeeze(1) + cursor
                 found.append(piece)
                 n_found += piece.numel()
                 cursor = min(cursor + step, m)
@@ -203,72 +257,220 @@ class _Greedy:
                 break
             cursor = int(window[-1]) + 1
             self.window(window)
-        return torch.tensor(self.kept, dtype=torch.int64)
+        return torch.sort(torch.tensor(self.kept, dtype=torch.int64)).values
 
     def window(self, window: torch.Tensor) -> None:
-        """Decide every row of window [w] (unused pool positions, ascending, on the device)."""
+        """Decide every row of window [w] (unused pool positions, ascending, on the device), in order.
+
+        Per row p: hit[p] is true only where p is known to have a used neighbour; exhausted[p] says hit[p] is exact
+        up to the neighbourhoods marked since (``fresh``), which a refresh checks through their member lists.
+        """
         w = window.numel()
         q = self.unit[window]
+        near_bank, top = self.against_bank(q)
+        hit = np.zeros(w, dtype=bool)
+        checked = ~near_bank  # rows whose top kept rows' neighbourhoods were searched (or that have none)
         self_sims = q @ q.T
         cover = self.at_least(self_sims, window, window).cpu().numpy()  # cover[k, j]: s(k, j) ≥ θ
-        near = np.triu((self_sims >= self.near).cpu().numpy(), 1)  # near[k, j], k < j: k, j may share a neighbour
-        near_bank = ((q @ self.bank.T) >= self.near).any(dim=1).cpu().numpy()
-        status = np.zeros(w, dtype=np.int8)  # 0 open, 1 kept, 2 rejected or used
-        unmarked: list[int] = []  # kept window positions whose neighbourhood is not yet marked used
-        evaluated: dict[int, int] = {}  # window position -> row of hit_used / overlap from the last pass
-        hit_used = overlap = None
-        used = self.used[window].cpu().numpy()
+        near = (self_sims >= self.near).cpu().numpy()  # near[k, j]: k and j may share a neighbour
+        del self_sims
+        exhausted = ~near_bank  # no kept row within 2·arccos θ of p when the window opened: no used neighbour then
+        closed = (self.owner[window] >= 0).cpu().numpy()  # used, rejected or kept
+        kept: list[int] = []  # window positions kept
+        pending: list[int] = []  # kept window positions whose neighbourhood is not yet marked used
+        fresh: list[tuple[int, int]] = []  # (window position, bank position) marked since hit was last refreshed
+        known: dict[int, torch.Tensor] = {}  # window position -> its neighbourhood (pool positions), from a pass
         p = 0
         while p < w:
-            kept_before = status[:p] == 1
-            if used[p] or cover[:p, p][kept_before].any():
-                status[p] = 2
-            elif not (near_bank[p] or near[:p, p][kept_before].any()):
-                status[p] = 1  # no kept row within 2·arccos θ: no neighbour can be used
-            elif p in evaluated and all(k in evaluated or not near[k, p] for k in unmarked):
-                e = evaluated[p]
-                clash = hit_used[e] or any(overlap[e, evaluated[k]] for k in unmarked if k in evaluated)
-                status[p] = 2 if clash else 1
-            else:
-                # Evaluate p and the next open rows that may need it, marking the pending kept rows in the same pass.
-                later = np.arange(p, w)
-                may_clash = near_bank[later] | (near[:, later] & (status != 2)[:, None]).any(axis=0)
-                todo = later[(status[later] == 0) & ~used[later] & may_clash][: self.cfg.batch]
-                hit_used, overlap = self.scan(window[unmarked], window[todo])
-                evaluated = {int(j): e for e, j in enumerate(todo)}
-                unmarked = []
-                used = self.used[window].cpu().numpy()
+            if closed[p] or hit[p] or (kept and cover[kept, p].any()):
+                closed[p] = True
+                p += 1
                 continue
-            if status[p] == 1:
-                unmarked.append(p)
-                self.kept.append(int(window[p]))
+            if not checked[p]:
+                self.check_ahead(q, window, p, top, hit, checked, closed)
+                continue
+            clash = [k for k in pending if near[k, p]]
+            if any((cover[k] & cover[p]).any() for k in clash):
+                closed[p] = True  # a window row is a neighbour of both p and an unmarked kept row
+                p += 1
+                continue
+            if any(near[k, p] for k, _ in fresh):
+                self.refresh(q, window, p, fresh, hit, closed, near)
+                fresh = []
+                continue
+            if clash or not exhausted[p]:
+                self.pass_(q, window, p, pending, hit, exhausted, closed, near, cover, known, checked, top)
+                fresh += [(k, len(self.members) - len(pending) + i) for i, k in enumerate(pending)]
+                pending = []
+                continue
+            closed[p] = True
+            kept.append(p)
+            if p in known:  # its neighbourhood is already known: mark it now
+                fresh.append((p, len(self.members)))
+                self.add(window[p:p + 1], [known.pop(p)])
+            else:
+                pending.append(p)
             p += 1
-        if unmarked:
-            self.scan(window[unmarked], window[:0])
-        self.bank = torch.cat([self.bank, q[torch.from_numpy(status == 1).to(q.device)]])
+        if pending:
+            self.scan(window[pending], window[:0])
 
-    def scan(self, mark: torch.Tensor, todo: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """One pass over all rows in column blocks: mark the neighbourhoods of kept rows mark [k] used, then evaluate
-        rows todo [e] (pool positions). Returns hit_used [e] bool (a neighbour is used, the marks included) and
-        overlap [e, e] bool (the two rows' neighbourhoods share a row)."""
+    def refresh(self, q, window, p: int, fresh, hit, closed, near) -> None:
+        """Test the open rows from p on against the neighbourhoods marked since the last refresh (hit in place)."""
+        closed |= (self.owner[window] >= 0).cpu().numpy()
+        rest = np.nonzero(~closed & ~hit)[0]
+        rest = rest[rest >= p]
+        ks = [k for k, _ in fresh]
+        f, r = np.nonzero(near[np.ix_(ks, rest)])
+        if f.size:
+            banks = np.asarray([b for _, b in fresh])[f]
+            pairs = torch.from_numpy(np.stack([rest[r], banks])).to(q.device)
+            hit[rest[r][self.owned_hits(q, window, pairs).cpu().numpy()]] = True
+
+    def pass_(self, q, window, p, pending: list[int], hit, exhausted, closed, near, cover, known, checked, top):
+        """One pass: mark the kept rows pending, and compare p and the next searched open rows likely to be kept
+        (skipping those an earlier chosen row covers) with all rows; updates hit, exhausted, closed, known in place."""
+        todo, covered = [], np.zeros(closed.size, dtype=bool)
+        for j in range(p, closed.size):
+            if len(todo) == self.cfg.batch:
+                break
+            if not checked[j]:
+                self.check_ahead(q, window, j, top, hit, checked, closed)
+            if not (closed[j] or hit[j] or covered[j] or j in known):
+                todo.append(j)
+                covered |= cover[j]
+        todo = np.asarray(todo, dtype=np.int64)
+        hit_used, members = self.scan(window[pending], window[todo], keep_members=True)
+        hit[todo] |= hit_used
+        exhausted[todo] = True
+        if members is not None:
+            known.update(zip(todo.tolist(), members))
+        closed |= (self.owner[window] >= 0).cpu().numpy()
+
+    def against_bank(self, q: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Rows q [w] against the kept rows marked so far -> near_bank [w] bool (some kept row within 2·arccos θ) and
+        top [w, m] int64: the bank positions of each row's m most similar kept rows within that angle (-1: none),
+        most similar first. Their neighbourhoods are where a used neighbour of the row almost always lies."""
+        w = q.shape[0]
+        if not self.banks:
+            return np.zeros(w, dtype=bool), np.full((w, 0), -1)
+        bank = torch.cat(self.banks)
+        top_s, top_b = [], []
+        for c in range(0, bank.shape[0], self.cfg.block):
+            sims = q @ bank[c:c + self.cfg.block].T
+            s, b = sims.topk(min(_FIRST_OWNERS, sims.shape[1]), dim=1)
+            top_s.append(s)
+            top_b.append(b + c)
+        s, b = torch.cat(top_s, 1), torch.cat(top_b, 1)
+        s, order = s.topk(min(_FIRST_OWNERS, s.shape[1]), dim=1)
+        b = torch.where(s >= self.near, b.gather(1, order), -1).cpu().numpy()
+        return b[:, 0] >= 0, b
+
+    def check_ahead(self, q, window, p: int, top, hit, checked, closed) -> None:
+        """Search the open rows of the next ``_LOOKAHEAD`` window positions from p that are not searched yet (lazily:
+        many rows are covered before their turn); flags in place."""
+        ahead = np.nonzero(~checked[p:p + _LOOKAHEAD] & ~closed[p:p + _LOOKAHEAD])[0] + p
+        self.check(q, window, ahead, top, hit)
+        checked[p:p + _LOOKAHEAD] = True
+
+    def check(self, q, window, rows: np.ndarray, top: np.ndarray, hit: np.ndarray) -> None:
+        """Look for a used neighbour of window rows rows [r] in the neighbourhoods of their top kept rows, most
+        similar first (hit in place)."""
+        for rank in range(top.shape[1]):
+            rows = rows[~hit[rows] & (top[rows, rank] >= 0)]
+            if rows.size == 0:
+                break
+            pairs = torch.from_numpy(np.stack([rows, top[rows, rank]])).to(q.device)
+            hit[rows[self.owned_hits(q, window, pairs).cpu().numpy()]] = True
+
+    def owned_hits(self, q: torch.Tensor, window: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+        """pairs [2, P] (window position p, bank position b) -> [P] bool: row p has a neighbour
+        in b's neighbourhood. Large neighbourhoods are tested in slices, rim first, rows leaving once they found a
+        neighbour; small ones together, one product per group masked to its pairs."""
+        p, b = pairs
+        out = torch.zeros(p.numel(), dtype=torch.bool, device=q.device)
+        order = torch.argsort(b, stable=True)
+        banks, counts = torch.unique_consecutive(b[order], return_counts=True)
+        groups: list[list[int]] = [[]]  # bank positions
+        group_pairs: list[list[torch.Tensor]] = [[]]
+        size_rows = size_cols = 0
+        for bank, idx in zip(banks.tolist(), torch.split(order, counts.tolist())):
+            hood = self.members[bank]
+            if hood.numel() > _SLICE:
+                for s in range(0, hood.numel(), _SLICE):
+                    cols = hood[s:s + _SLICE]
+                    found = self.any_at_least(q[p[idx]] @ self.unit[cols].T, window[p[idx]], cols)
+                    out[idx[found]] = True
+                    idx = idx[~found]
+                    if idx.numel() == 0:
+                        break
+                continue
+            if groups[-1] and (size_rows + idx.numel()) * (size_cols + hood.numel()) > _GROUP_ENTRIES:
+                groups.append([])
+                group_pairs.append([])
+                size_rows = size_cols = 0
+            groups[-1].append(bank)
+            group_pairs[-1].append(idx)
+            size_rows, size_cols = size_rows + idx.numel(), size_cols + hood.numel()
+        for group, pieces in zip(groups, group_pairs):
+            if not group:
+                continue
+            idx = torch.cat(pieces)
+            rows = p[idx]
+            cols = torch.cat([self.members[bank] for bank in group])
+            sims = q[rows] @ self.unit[cols].T
+            if len(group) > 1:  # only each row's own bank counts
+                sims = sims.masked_fill(b[idx][:, None] != self.owner[cols][None, :], -2.0)
+            out[idx] = self.any_at_least(sims, window[rows], cols)
+        return out
+
+    def scan(self, mark: torch.Tensor, todo: torch.Tensor, keep_members: bool = False):
+        """One pass over all rows in column blocks: add the kept rows mark [k] (pool positions) to the bank and mark
+        their neighbourhoods used, and evaluate rows todo [e] (pool positions). Returns hit_used [e] bool (a neighbour
+        is used, the new marks included) and, with keep_members, each todo row's neighbourhood [e tensors] (None if
+        they would exceed ``block`` · ``batch`` rows in all)."""
         k, e = mark.numel(), todo.numel()
         rows = torch.cat([mark, todo])
         q = self.unit[rows]
         hit_used = torch.zeros(e, dtype=torch.bool, device=q.device)
-        overlap = torch.zeros(e, e, device=q.device)
+        found, todo_found = [], []
+        n_pairs, budget = 0, self.cfg.block * self.cfg.batch
         for s in range(0, self.unit.shape[0], self.cfg.block):
             stop = min(s + self.cfg.block, self.unit.shape[0])
-            sims = self.unit[s:stop] @ q.T  # [b, k + e]: this orientation is the faster one
+            sims = self.product(self.unit[s:stop], q)  # [b, k + e]
             hit = self.at_least(sims, torch.arange(s, stop, device=q.device), rows)
             if k:
-                self.used[s:stop] |= hit[:, :k].any(dim=1)
+                r, c = torch.nonzero(hit[:, :k], as_tuple=True)  # neighbourhoods of kept rows are disjoint
+                self.owner[r + s] = c + len(self.members)
+                found.append((r + s, c, sims[r, c]))
             if e:
-                members = hit[:, k:]
-                hit_used |= (members & self.used[s:stop, None]).any(dim=0)
-                if e > 1:
-                    f = members.float()
-                    overlap += f.T @ f  # counts of shared rows; only > 0 matters, which float32 sums keep
-        return hit_used.cpu().numpy(), (overlap > 0).cpu().numpy()
+                hit_used |= (hit[:, k:] & (self.owner[s:stop, None] >= 0)).any(dim=0)
+                if keep_members and n_pairs <= budget:
+                    r, c = torch.nonzero(hit[:, k:], as_tuple=True)
+                    todo_found.append((r + s, c, sims[r, c + k]))
+                    n_pairs += r.numel()
+        if k:
+            self.add(mark, self.group(found, k), q[:k])
+        if not keep_members:
+            return hit_used.cpu().numpy()
+        return hit_used.cpu().numpy(), self.group(todo_found, e) if n_pairs <= budget else None
+
+    def group(self, found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n: int) -> list[torch.Tensor]:
+        """Pieces (pool positions [P], column [P] in 0..n-1, similarity [P]) -> per column its pool positions, least
+        similar first (a neighbourhood's rim, where neighbours of rows outside it lie)."""
+        if not found:
+            return [torch.zeros(0, dtype=torch.int64, device=self.owner.device)] * n
+        rows, column, sims = (torch.cat(x) for x in zip(*found))
+        order = torch.argsort(sims, stable=True)
+        order = order[torch.argsort(column[order], stable=True)]
+        return list(torch.split(rows[order], torch.bincount(column, minlength=n).tolist()))
+
+    def add(self, rows: torch.Tensor, neighbourhoods: list[torch.Tensor], unit: torch.Tensor | None = None) -> None:
+        """Append kept rows [k] (pool positions) with their neighbourhoods to the bank; mark those used."""
+        for hood in neighbourhoods:
+            self.owner[hood] = len(self.members)
+            self.members.append(hood)
+        self.banks.append(self.unit[rows] if unit is None else unit)
+        self.kept.extend(rows.tolist())
 
 
 def principal_scene_components(features, cfg: PSCConfig, device=None) -> PSCResult:
@@ -279,8 +481,8 @@ def principal_scene_components(features, cfg: PSCConfig, device=None) -> PSCResu
     """
     rows = _Rows(features)
     device = torch.device(device) if device is not None else rows.device
-    with _full_fp32_matmul(), torch.no_grad():
-        greedy = _Greedy(rows, cfg, device)
+    with _full_fp32_matmul(), _single_thread(device) as threads, torch.no_grad():
+        greedy = _Greedy(rows, cfg, device, threads)
         indices = greedy.idx[greedy.run()]
     components = rows.gather(indices)
     components = components.double() if rows.dtype == torch.float64 else components.float()

@@ -1,7 +1,8 @@
 """CPU backend: torch EWA projection + multi-threaded C++ tile compositing with a hand-written backward.
 
 Memory stays bounded by the image and the tile-Gaussian intersection list: no [N, H, W] tensor is ever formed.
-The backward keeps one gradient buffer per thread, i.e. threads x B x N x (C + 9) values.
+The backward keeps one gradient buffer per thread, i.e. threads x B x N x (D + 9) values, D = C + 1 rounded up to
+a multiple of `PAD`.
 """
 
 from __future__ import annotations
@@ -14,23 +15,25 @@ from torch import Tensor
 from m3_memory.core.raster.extension import load_extension
 from m3_memory.core.raster.projection import project
 
+PAD = 8  # feature rows hold a multiple of this many channels (the kernel's kPad)
+
 
 class _Composite(torch.autograd.Function):
     """Front-to-back alpha compositing of binned screen-space Gaussians.
 
-    Inputs: means2d [B, N, 2], conics [B, N, 3], opacities [B, N], features [B, N, D], offsets [B*tiles + 1],
-    flat_ids [n_isects], split. Outputs (no background): the first `split` channels [B, H, W, split], the others
-    [B, H, W, D - split] (two tensors, so no slicing in the graph) and alpha [B, H, W, 1].
+    Inputs: means2d [B, N, 2], conics [B, N, 3], opacities [B, N], features [B, N, D] (D a multiple of `PAD`, zero
+    padded past the `used` channels), offsets [B*tiles + 1], flat_ids [n_isects], split. Outputs (no background):
+    channels [0, split) [B, H, W, split], channels [split, used) [B, H, W, used - split] (two tensors, so no slicing
+    in the graph) and alpha [B, H, W, 1].
     """
 
     @staticmethod
-    def forward(ctx, means2d, conics, opacities, features, offsets, flat_ids, split, width, height, tile_size, absgrad):
+    def forward(ctx, means2d, conics, opacities, features, offsets, flat_ids, split, used, width, height, tile_size,
+                absgrad):
         ext = load_extension()
         tensors = [x.contiguous() for x in (means2d, conics, opacities, features)]
-        head, tail, alpha, last_end = ext.rasterize_forward(
-            *tensors, offsets, flat_ids, split, width, height, tile_size
-        )
-        ctx.save_for_backward(*tensors, offsets, flat_ids, alpha, last_end)
+        head, tail, alpha = ext.rasterize_forward(*tensors, offsets, flat_ids, split, used, width, height, tile_size)
+        ctx.save_for_backward(*tensors, offsets, flat_ids)
         ctx.grid = (width, height, tile_size)
         ctx.absgrad = absgrad
         return head, tail, alpha[..., None]
@@ -38,14 +41,14 @@ class _Composite(torch.autograd.Function):
     @staticmethod
     def backward(ctx, v_head, v_tail, v_alpha):
         ext = load_extension()
-        means2d, conics, opacities, features, offsets, flat_ids, alpha, last_end = ctx.saved_tensors
+        means2d, conics, opacities, features, offsets, flat_ids = ctx.saved_tensors
         *grads, v_means2d_abs = ext.rasterize_backward(
-            means2d, conics, opacities, features, offsets, flat_ids, alpha, last_end,
+            means2d, conics, opacities, features, offsets, flat_ids,
             v_head.contiguous(), v_tail.contiguous(), v_alpha[..., 0].contiguous(), *ctx.grid,
         )  # fmt: skip
         if ctx.absgrad:  # as gsplat: the saved input is meta["means2d"] itself, read by DefaultStrategy(absgrad=True)
             means2d.absgrad = v_means2d_abs
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def rasterization_cpu(
@@ -79,10 +82,14 @@ def rasterization_cpu(
             width, height, tile_size,
         )  # fmt: skip
     colors = colors.expand(B, N, colors.shape[-1]) if colors.dim() == 2 else colors
-    features = torch.cat([colors, proj.depths[..., None]], -1)  # depth rides along as the last channel
+    C = colors.shape[-1]
+    # depth rides along as the last channel; zero padding to whole vectors keeps the kernel's channel loops free of
+    # remainders
+    padding = colors.new_zeros(B, N, -(-(C + 1) // PAD) * PAD - C - 1)
+    features = torch.cat([colors, proj.depths[..., None], padding], -1)
     opacities_b = opacities.expand(B, N)
     render_colors, depth_sum, alphas = _Composite.apply(
-        proj.means2d, proj.conics, opacities_b, features, offsets, flat_ids, colors.shape[-1], width, height, tile_size,
+        proj.means2d, proj.conics, opacities_b, features, offsets, flat_ids, C, C + 1, width, height, tile_size,
         absgrad,
     )  # fmt: skip
     depths = depth_sum / alphas.clamp(min=1e-10)

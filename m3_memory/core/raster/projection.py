@@ -74,13 +74,13 @@ def project(
     scales = _sanitise(scales, ok, means.new_ones(3))
     opacities = _sanitise(opacities, ok, means.new_zeros(()))
 
-    rot = quat_to_rotmat(quats)  # [N, 3, 3]
-    m = rot * scales[:, None, :]
-    covars = m @ m.transpose(-1, -2)  # [N, 3, 3]
-
+    # The camera-frame covariance is M M^T with M = R rot diag(scales), the 2D one (J M)(J M)^T: M for all
+    # Gaussians and cameras is one [3B, 3] x [3, 3N] matrix product, far cheaper on CPU than N batched 3x3 ones.
     R, t = viewmats[:, :3, :3], viewmats[:, :3, 3]  # [B, 3, 3], [B, 3]
+    B, N = R.shape[0], means.shape[0]
+    m = quat_to_rotmat(quats) * scales[:, None, :]  # [N, 3, 3]
+    M = (R.reshape(3 * B, 3) @ m.permute(1, 0, 2).reshape(3, 3 * N)).reshape(B, 3, N, 3)  # M[b, i, n, j]
     means_c = means @ R.transpose(1, 2) + t[:, None]  # [B, N, 3]
-    covars_c = torch.einsum("bij,njk,blk->bnil", R, covars, R)  # [B, N, 3, 3]
 
     z = means_c[..., 2]
     in_depth = ok & (z >= near_plane) & (z <= far_plane)
@@ -92,10 +92,10 @@ def project(
     lim_y_pos, lim_y_neg = (height - cy) / fy + 0.15 * height / fy, cy / fy + 0.15 * height / fy
     tx = z * torch.minimum(torch.maximum(means_c[..., 0] / z, -lim_x_neg), lim_x_pos)
     ty = z * torch.minimum(torch.maximum(means_c[..., 1] / z, -lim_y_neg), lim_y_pos)
-    zeros = torch.zeros_like(z)
-    J = torch.stack([fx / z, zeros, -fx * tx / z**2, zeros, fy / z, -fy * ty / z**2], -1).reshape(z.shape + (2, 3))
-    cov2d = J @ covars_c @ J.transpose(-1, -2)  # [B, N, 2, 2]
-    c00, c01, c11 = cov2d[..., 0, 0] + eps2d, cov2d[..., 0, 1], cov2d[..., 1, 1] + eps2d
+    # J = [[fx / z, 0, -fx tx / z^2], [0, fy / z, -fy ty / z^2]]: rows of J M without the zero terms
+    j0 = (fx / z)[..., None] * M[:, 0] - (fx * tx / z**2)[..., None] * M[:, 2]  # [B, N, 3]
+    j1 = (fy / z)[..., None] * M[:, 1] - (fy * ty / z**2)[..., None] * M[:, 2]
+    c00, c01, c11 = (j0 * j0).sum(-1) + eps2d, (j0 * j1).sum(-1), (j1 * j1).sum(-1) + eps2d
     det = c00 * c11 - c01 * c01
     in_depth = in_depth & (det > 0)
     det = torch.where(in_depth, det, torch.ones_like(det))
