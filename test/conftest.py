@@ -27,6 +27,17 @@ def run_command(*args: str, timeout: float = 60.0, check: bool = False) -> subpr
     return result
 
 
+def interrupt(process: subprocess.Popen, timeout: float) -> None:
+    """Stop a running process as Ctrl-C would; killed if it is still there after `timeout` seconds."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @contextlib.contextmanager
 def node_process(executable: str, *args: str):
     """A real node in its own process; stopped with SIGINT (as Ctrl-C would) when the block ends."""
@@ -35,13 +46,7 @@ def node_process(executable: str, *args: str):
     try:
         yield process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        interrupt(process, 15)
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.2):

@@ -19,7 +19,7 @@ from rclpy.parameter import parameter_value_to_python
 from rosgraph_msgs.msg import Clock
 from tf2_msgs.msg import TFMessage
 
-from conftest import VENV_BIN, run_command, wait_for
+from conftest import VENV_BIN, interrupt, run_command, wait_for
 from m3_memory.ros.qos import LATCHED, TF_STATIC_QOS
 
 NS = "robot1"
@@ -63,13 +63,7 @@ def launched(tiny_memory, tmp_path):
     try:
         yield process, log_path, tiny_memory
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        interrupt(process, 40)
 
 
 def test_launch_arguments_configure_a_namespaced_robot(launched, ros_node, tmp_path):

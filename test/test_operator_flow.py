@@ -4,7 +4,6 @@ located target is checked against the demo scene's ground truth."""
 import json
 import re
 import shlex
-import signal
 import subprocess
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, VENV_BIN, wait_for
+from conftest import REPO, VENV_BIN, interrupt, wait_for
 from test_demo import CONFUSED, TOLERANCE_M
 from test_ros2_frontend import response_of
 
@@ -68,12 +67,7 @@ def operator_flow(tmp_path_factory):
         yield cwd, commands, outputs
     finally:
         if launch is not None and launch.poll() is None:
-            launch.send_signal(signal.SIGINT)
-            try:
-                launch.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                launch.kill()
-                launch.wait()
+            interrupt(launch, 60)
         log.close()
 
 

@@ -14,13 +14,15 @@ from m3_msgs.srv import Locate
 from rclpy.action import ActionClient
 
 from conftest import node_process, wait_for
-from m3_memory.core.scene import Scene
-from m3_memory.ros.conversions import matrix_to_pose
+from test_demo import CONFUSED, TOLERANCE_M
 from m3_memory.ros.graph_client import call_service
 from m3_memory.ros.qos import LATCHED
 from m3_memory.sim import demo_scene
 
 ROBOTS = {"robot1": "scan_20260101_100000_000000", "robot2": "scan_20260101_110000_000000"}
+# robot1's memory is trained as test_demo's (and held to its tolerance); robot2's only has to arrive
+ITERATIONS = {"robot1": 300, "robot2": 40}
+QUERY = "yellow bath duck"
 
 
 def sha256(path) -> str:
@@ -51,7 +53,8 @@ def test_two_robots_one_worker_scans_and_memories_travel_over_ros(ros_node, tmp_
         for robot, scan_id in ROBOTS.items():
             feedback = []
             future = client.send_goal_async(
-                Train.Goal(robot=robot, scan_id=scan_id, config_overrides="{iterations: 40, log_every: 10}"),
+                Train.Goal(robot=robot, scan_id=scan_id,
+                           config_overrides=f"{{iterations: {ITERATIONS[robot]}, log_every: 10}}"),
                 feedback_callback=lambda m: feedback.append(m.feedback))
             rclpy.spin_until_future_complete(ros_node, future, timeout_sec=30)
             handle = future.result()
@@ -87,14 +90,14 @@ def test_two_robots_one_worker_scans_and_memories_travel_over_ros(ros_node, tmp_
             assert wait_for(fetched.is_file, timeout=60)
         assert sha256(fetched) == sha256(worker / "robot1" / "memories" / f"{ROBOTS['robot1']}.pt")
 
-        view = matrix_to_pose(Scene.load(scene).c2w[0])
-        found = call_service(Locate, "/robot1/m3/locate", Locate.Request(query="yellow bath duck", view=view),
-                             timeout=60)
+        # the whole-memory search, as `m3 demo` asks, within test_demo's tolerance
+        found = call_service(Locate, "/robot1/m3/locate", Locate.Request(query=QUERY), timeout=60)
         assert found.success, found.message
         point = np.array([found.target.point.x, found.target.point.y, found.target.point.z])
-        table = json.loads((scene / "objects.json").read_text())["objects"]
-        # near the objects: after 40 iterations accuracy is not this test's business (test_engine's is)
-        assert min(np.linalg.norm(point - np.asarray(o["center"])) for o in table) < 1.0
+        truth = {o["phrases"][0]: np.asarray(o["center"])
+                 for o in json.loads((scene / "objects.json").read_text())["objects"]}
+        errors = [np.linalg.norm(point - truth[name]) for name in (QUERY, CONFUSED[QUERY])]
+        assert min(errors) < TOLERANCE_M, (point, errors)
     for robot, scan_id in ROBOTS.items():   # the worker's copy is the robot's scan, file for file
         source, copy = tmp_path / robot / "unreachable" / scan_id, worker / robot / "scans" / scan_id
         for path in source.rglob("*"):

@@ -5,7 +5,6 @@ the camera under /robot1 replayed from a bag with best-effort (sensor-data QoS) 
 from the camera's current view because the nodes keep the bag's time."""
 import json
 import re
-import signal
 import subprocess
 
 import numpy as np
@@ -14,7 +13,7 @@ import rclpy
 from m3_msgs.msg import MemoryStatus, RecorderStatus
 from m3_msgs.srv import Locate
 
-from conftest import VENV_BIN, run_command, wait_for
+from conftest import VENV_BIN, interrupt, run_command, wait_for
 from m3_memory.core.scene import Scene
 from m3_memory.ros.qos import LATCHED
 from m3_memory.sim import demo_scene
@@ -85,11 +84,5 @@ def test_a_namespaced_robot_with_compressed_best_effort_streams(tiny_memory, rea
         target = np.array([answer.target.point.x, answer.target.point.y, answer.target.point.z])
         assert np.linalg.norm(target - duck["center"]) < 0.1, (target, duck["center"], answer.message)
     finally:
-        if launch.poll() is None:
-            launch.send_signal(signal.SIGINT)
-            try:
-                launch.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                launch.kill()
-                launch.wait()
+        interrupt(launch, 40)
     assert launch.returncode == 0, log_path.read_text()

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import VENV_BIN, run_command, wait_for
+from conftest import VENV_BIN, interrupt, run_command, wait_for
 from m3_memory.ros.interfaces import import_interface
 from m3_memory.sim import demo_scene
 
@@ -31,12 +31,7 @@ def bringup(tmp_path_factory):
         assert ready, (cwd / "launch.log").read_text()
         yield cwd
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        interrupt(process, 60)
         log.close()
 
 
