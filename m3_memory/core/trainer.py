@@ -61,7 +61,7 @@ class DensifyConfig:
 
 @dataclass
 class TrainConfig:
-    iterations: int = 2000                  # CPU-sized (about 12 min for the demo on 2 cores); the paper trains 30k
+    iterations: int = 2000                  # CPU-sized (about 6 min for the demo on 2 idle cores); the paper trains 30k
     seed: int = 0
     device: str = "auto"                    # auto = cuda when available
     query_dim: int = 16                     # principal-query dims per model
