@@ -9,11 +9,13 @@ the greedy walk row by row (numpy). Cases:
 Every chunk of the plain form costs the same [1000, N] product, so above --plain-max rows it runs only its first
 --plain-chunks chunks, and its full time is estimated as normalisation (once) + the measured products scaled to all
 chunks + the measured walk (not scaled: later chunks have fewer unused rows), a lower bound (marked in the table).
-The demo case reads the scene from the cache ($M3_CACHE_DIR, default ~/.cache/m3_memory); to build it (~5 min CPU):
+The demo case reads the scene given by --demo-scene, else the cached one ($M3_CACHE_DIR, default ~/.cache/m3_memory);
+to build it (~5 min CPU):
   m3 demo-scene --size demo && m3 features $M3_CACHE_DIR/demo_scene/demo-seed0-v1 --model m3-tinyvlm
 Each method runs in its own subprocess (peak RSS per method).
 
 Usage: OMP_NUM_THREADS=2 python bench/bench_psc.py [--cases demo walk clusters] [--n 1000000] [--out bench/results/psc]
+       [--demo-scene DIR] [--demo-npz FILE]
 """
 from __future__ import annotations
 
@@ -68,25 +70,27 @@ def plain_psc(features: np.ndarray, threshold: float, max_chunks: int | None = N
     return np.array(kept, dtype=np.int64), timing
 
 
-def demo_input(saved: Path | None) -> tuple[np.ndarray, float, int] | None:
-    """demo_rows(), read from / written to the .npz `saved` when given (reruns skip the feature stack)."""
+def demo_input(saved: Path | None, scene_dir: Path | None = None) -> tuple[np.ndarray, float, int] | None:
+    """demo_rows(scene_dir), read from / written to the .npz `saved` when given (reruns skip the feature stack)."""
     if saved is not None and saved.exists():
         with np.load(saved) as z:
             return z["rows"], float(z["threshold"]), int(z["chunk"])
-    demo = demo_rows()
+    demo = demo_rows(scene_dir)
     if demo is not None and saved is not None:
         np.savez(saved, rows=demo[0], threshold=demo[1], chunk=demo[2])
     return demo
 
 
-def demo_rows() -> tuple[np.ndarray, float, int] | None:
-    """The trainer's PSC input on the cached demo scene: rows [N, 128] float32, θ, chunk; None if not cached."""
+def demo_rows(scene_dir: Path | None = None) -> tuple[np.ndarray, float, int] | None:
+    """The trainer's PSC input on scene_dir (default: the cached demo scene) with its m3-tinyvlm features:
+    rows [N, 128] float32, θ, chunk; None if the features are not cached."""
     from m3_memory.core.pipeline import load_train_config, scene_features
     from m3_memory.core.scene import Scene
     from m3_memory.core.trainer import psc_input
     from m3_memory.sim.demo import GENERATOR_VERSION, cache_dir
 
-    scene_dir = cache_dir() / "demo_scene" / f"demo-seed0-v{GENERATOR_VERSION}"
+    if scene_dir is None:
+        scene_dir = cache_dir() / "demo_scene" / f"demo-seed0-v{GENERATOR_VERSION}"
     if not (scene_dir / "features").is_dir():
         return None
     config = load_train_config(None, {})
@@ -145,6 +149,7 @@ def main() -> None:
     ap.add_argument("--plain-chunks", type=int, default=10, help="chunks of the plain form run when sampled")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "psc")
     ap.add_argument("--demo-npz", type=Path, help="the demo case's input, saved here on first use and read after")
+    ap.add_argument("--demo-scene", type=Path, help="scene directory of the demo case (default: the cached demo scene)")
     ap.add_argument("--worker")
     ap.add_argument("--path")
     ap.add_argument("--threshold", type=float)
@@ -161,7 +166,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases:
             if case == "demo":
-                demo = demo_input(args.demo_npz)
+                demo = demo_input(args.demo_npz, args.demo_scene)
                 if demo is None:
                     print("demo: scene or features not cached, skipped (see the docstring to build them)", flush=True)
                     continue

@@ -83,8 +83,8 @@ def test_large_neighbourhoods(threshold, noise, k):
         assert torch.equal(result.indices, expected)
 
 
-def test_work_scales_with_open_rows(monkeypatch):
-    # Rows compared with all N rows (columns of full passes) stay near the number of kept rows, far below N.
+def _count_pass_columns(monkeypatch) -> list[int]:
+    """Rows compared with all N rows by each full pass (the columns of its products)."""
     columns = []
     scan = psc._Greedy.scan
 
@@ -93,11 +93,30 @@ def test_work_scales_with_open_rows(monkeypatch):
         return scan(self, mark, todo, **kwargs)
 
     monkeypatch.setattr(psc._Greedy, "scan", counting_scan)
+    return columns
+
+
+def test_work_scales_with_open_rows(monkeypatch):
+    # Rows compared with all N rows (columns of full passes) stay near the number of kept rows, far below N.
+    columns = _count_pass_columns(monkeypatch)
     features = clustered(6000, 32, 60, 0.3, seed=12)
     result = principal_scene_components(features, PSCConfig(0.85, chunk=512))
     assert torch.equal(result.indices, naive_psc(features, 0.85, chunk=1000))
     assert len(result.indices) < 6000 // 20
     assert sum(columns) <= 2 * len(result.indices)
+
+
+@pytest.mark.parametrize(("threshold", "step"), [(0.9, 0.1), (0.8, 0.2)])
+def test_chained_neighbourhoods_pass_only_kept_rows(monkeypatch, threshold, step):
+    # Smoothly varying rows: consecutive open rows share neighbours, so a pass that evaluated every open row ahead
+    # would mostly compute neighbourhoods of rows rejected later (5-12 times the kept rows).
+    columns = _count_pass_columns(monkeypatch)
+    features = sphere_walk(3000, 32, step, seed=1)
+    result = principal_scene_components(features, PSCConfig(threshold, chunk=1024, block=512))
+    assert torch.equal(result.indices, naive_psc(features, threshold, chunk=1000))
+    assert len(result.indices) > 50
+    assert sum(columns) <= 1.5 * len(result.indices)
+    assert len(columns) <= 10
 
 
 def test_duplicates_zero_rows_and_exact_ties():
@@ -225,7 +244,8 @@ def test_float16_memmap_input(tmp_path):
 
 
 class _LargestOutput(TorchDispatchMode):
-    """Records the element count of the largest tensor any torch op produces."""
+    """Records the element count of the largest tensor any torch op allocates: outputs that share an input's storage
+    (views, detach, torch.from_numpy's wrapping of the array's own memory) do not count."""
 
     def __init__(self):
         super().__init__()
@@ -233,20 +253,27 @@ class _LargestOutput(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
                 self.largest = max(self.largest, t.numel())
         return out
 
 
-def test_memory_is_bounded_by_chunk_and_block():
-    n, d, chunk, block = 3000, 32, 128, 256
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_memory_is_bounded_by_chunk_and_block(as_numpy):
+    n, d, chunk, block, batch = 6000, 64, 128, 256, 64
     features = clustered(n, d, 40, 0.15, seed=11)
+    cfg = PSCConfig(0.8, chunk=chunk, block=block, batch=batch)
+    expected = naive_psc(features, 0.8, chunk=1000)
     with _LargestOutput() as probe:
-        principal_scene_components(features, PSCConfig(0.8, chunk=chunk, block=block))
-    # The pool itself is N × d; every work tensor is at most ~chunk × block. A naive pass would hold chunk × N.
-    assert probe.largest <= 2 * max(n * d, chunk * block)
-    assert probe.largest < chunk * n
+        result = principal_scene_components(features.numpy() if as_numpy else features, cfg)
+    assert torch.equal(result.indices, expected)
+    # No N × d tensor (no normalised copy of the input, not even a view of it): every work tensor is at most a column
+    # block against the open rows of a window and a pass. A naive pass would hold chunk × N.
+    assert probe.largest <= block * (chunk + batch)
+    assert probe.largest < n * d // 4
 
 
 @pytest.mark.cuda
