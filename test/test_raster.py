@@ -330,3 +330,100 @@ def test_parity_with_gsplat_on_random_scenes():
         # expected depth is ill-conditioned where alpha ~ 0: compare the accumulated depth instead
         torch.testing.assert_close(cpu[2] * cpu[1], (gpu[2] * gpu[1]).cpu(), atol=1e-3, rtol=1e-4)
         torch.testing.assert_close(cpu[3]["radii"], gpu[3]["radii"].cpu())
+
+
+def _backward_against_dense_reference(means, quats, scales, opacities, colors, viewmats, Ks, W, H, seed):
+    """Our gradients (means2d, conics, opacities, colors, depths) and autograd's through `dense_composite`, one
+    camera; returns (ours, reference) lists and the rendered alpha."""
+    C = colors.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    w_rgb, w_alpha, w_depth = (torch.randn(H, W, k, generator=g, dtype=F64) for k in (C, 1, 1))
+    for leaf in (means, opacities, colors):
+        leaf.requires_grad_(True)
+    rgb, alpha, depth, meta = rasterization(means, quats, scales, opacities, colors, viewmats, Ks, W, H)
+    for key in ("means2d", "conics", "depths"):
+        meta[key].retain_grad()
+    ((rgb[0] * w_rgb).sum() + (alpha[0] * w_alpha).sum() + (depth[0] * alpha[0] * w_depth).sum()).backward()
+    seen = (meta["radii"][0] > 0).all(-1)
+    leaves = [meta["means2d"][0][seen], meta["conics"][0][seen], opacities[seen], colors[seen], meta["depths"][0][seen]]
+    leaves = [x.detach().clone().requires_grad_(True) for x in leaves]
+    ref, ref_alpha = dense_composite(*leaves[:3], torch.cat([leaves[3], leaves[4][:, None]], -1), W, H)
+    ((ref[..., :C] * w_rgb).sum() + (ref_alpha[..., None] * w_alpha).sum() + (ref[..., C:] * w_depth).sum()).backward()
+    torch.testing.assert_close(alpha[0, ..., 0], ref_alpha.detach(), rtol=1e-9, atol=1e-9)
+    ours = [meta["means2d"].grad[0][seen], meta["conics"].grad[0][seen], opacities.grad[seen], colors.grad[seen],
+            meta["depths"].grad[0][seen]]  # fmt: skip
+    return ours, [leaf.grad for leaf in leaves], alpha
+
+
+def test_backward_with_more_than_64_contributors_per_pixel():
+    """Faint, wide Gaussians: pixels composite more than one 64-Gaussian screening chunk and tiles hold several
+    64-bit words of contributor mask, which the backward reloads."""
+    W, H = 36, 28
+    means, quats, scales, _, colors = random_scene(700, 4, seed=12)
+    scales = scales * 2.5
+    opacities = 0.02 + 0.04 * torch.rand(700, generator=torch.Generator().manual_seed(13), dtype=F64)
+    viewmats, Ks = orbit_cameras(1, 2.5, 24.0, W, H)
+    ours, ref, alpha = _backward_against_dense_reference(means, quats, scales, opacities, colors, viewmats, Ks, W, H,
+                                                         seed=14)  # fmt: skip
+    # with opacity <= 0.06 an alpha above 0.99 takes at least 75 contributors
+    assert (alpha > 0.99).float().mean() > 0.05
+    for got, want in zip(ours, ref):
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+
+
+def test_float32_matches_float64():
+    """The kernel's own exp (a polynomial per precision) and the float32 channel loops agree with float64."""
+    W, H, C = 48, 40, 20
+    scene64 = random_scene(500, C, seed=15)
+    viewmats, Ks = orbit_cameras(2, 2.5, 40.0, W, H)
+    results = []
+    for dtype in (F64, torch.float32):
+        params = [x.to(dtype).clone().requires_grad_(True) for x in scene64]
+        rgb, alpha, depth, _ = rasterization(*params, viewmats.to(dtype), Ks.to(dtype), W, H)
+        (rgb.square().sum() + alpha.sum() + (depth * alpha).sum()).backward()
+        results.append([x.detach().double() for x in (rgb, alpha, depth * alpha)] + [p.grad.double() for p in params])
+    assert results[0][1].amax() > 0.9
+    for want, got in zip(*results):
+        # a pixel's last contributor may fall on the other side of a 1/255 or 1e-4 cut-off: compare in bulk
+        close = torch.isclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().amax().item())
+        assert close.float().mean() > 0.999
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_thread_count_does_not_change_the_result(dtype):
+    """Tiles are split over threads and the gradients summed per thread: forward bitwise equal, gradients equal up
+    to the order of the final sum."""
+    W, H, C = 64, 48, 11
+    scene = random_scene(600, C, seed=16, dtype=dtype)
+    viewmats, Ks = orbit_cameras(2, 2.5, 45.0, W, H, dtype=dtype)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            params = [x.clone().requires_grad_(True) for x in scene]
+            rgb, alpha, depth, _ = rasterization(*params, viewmats, Ks, W, H)
+            (rgb.square().sum() + alpha.sum() + depth.sum()).backward()
+            results.append(([rgb, alpha, depth], [p.grad for p in params]))
+    finally:
+        torch.set_num_threads(threads)
+    (image1, grads1), (image3, grads3) = results
+    for a, b in zip(image1, image3):
+        assert torch.equal(a, b)
+    tol = 1e-12 if dtype == F64 else 1e-5
+    for a, b in zip(grads1, grads3):
+        assert a.abs().amax() > 0
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * a.abs().amax().item())
+
+
+def test_rendering_without_gradients_keeps_no_masks():
+    """Under no_grad the forward skips the contributor masks and renders the same image."""
+    W, H = 40, 32
+    scene = random_scene(200, 3, seed=17)
+    viewmats, Ks = orbit_cameras(1, 2.5, 30.0, W, H)
+    with torch.no_grad():
+        plain = rasterization(*scene, viewmats, Ks, W, H)
+    params = [x.clone().requires_grad_(True) for x in scene]
+    tracked = rasterization(*params, viewmats, Ks, W, H)
+    for a, b in zip(plain[:3], tracked[:3]):
+        assert torch.equal(a, b.detach())

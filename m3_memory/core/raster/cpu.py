@@ -1,8 +1,9 @@
 """CPU backend: torch EWA projection + multi-threaded C++ tile compositing with a hand-written backward.
 
 Memory stays bounded by the image and the tile-Gaussian intersection list: no [N, H, W] tensor is ever formed.
-The backward keeps one gradient buffer per thread, i.e. threads x B x N x (D + 9) values, D = C + 1 rounded up to
-a multiple of `PAD`.
+For the backward the forward keeps which Gaussians each pixel composited (one bit per tile-Gaussian pair and pixel
+of the tile: 32 bytes per pair at 16 x 16 tiles); the backward keeps one gradient buffer per thread, i.e. threads x
+B x N x (D + 8) values, D = C + 1 rounded up to a multiple of `PAD`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class _Composite(torch.autograd.Function):
     Inputs: means2d [B, N, 2], conics [B, N, 3], opacities [B, N], features [B, N, D] (D a multiple of `PAD`, zero
     padded past the `used` channels), offsets [B*tiles + 1], flat_ids [n_isects], split. Outputs (no background):
     channels [0, split) [B, H, W, split], channels [split, used) [B, H, W, used - split] (two tensors, so no slicing
-    in the graph) and alpha [B, H, W, 1].
+    in the graph) and alpha [B, H, W, 1]. The contributor masks are kept only when a gradient can be asked for.
     """
 
     @staticmethod
@@ -32,8 +33,10 @@ class _Composite(torch.autograd.Function):
                 absgrad):
         ext = load_extension()
         tensors = [x.contiguous() for x in (means2d, conics, opacities, features)]
-        head, tail, alpha = ext.rasterize_forward(*tensors, offsets, flat_ids, split, used, width, height, tile_size)
-        ctx.save_for_backward(*tensors, offsets, flat_ids)
+        keep = any(ctx.needs_input_grad[:4])
+        head, tail, alpha, *masks = ext.rasterize_forward(*tensors, offsets, flat_ids, split, used, width, height,
+                                                          tile_size, keep)  # fmt: skip
+        ctx.save_for_backward(*tensors, offsets, flat_ids, *masks)
         ctx.grid = (width, height, tile_size)
         ctx.absgrad = absgrad
         return head, tail, alpha[..., None]
@@ -41,9 +44,9 @@ class _Composite(torch.autograd.Function):
     @staticmethod
     def backward(ctx, v_head, v_tail, v_alpha):
         ext = load_extension()
-        means2d, conics, opacities, features, offsets, flat_ids = ctx.saved_tensors
+        means2d, conics, opacities, features, offsets, flat_ids, masks = ctx.saved_tensors
         *grads, v_means2d_abs = ext.rasterize_backward(
-            means2d, conics, opacities, features, offsets, flat_ids,
+            means2d, conics, opacities, features, offsets, flat_ids, masks,
             v_head.contiguous(), v_tail.contiguous(), v_alpha[..., 0].contiguous(), *ctx.grid,
         )  # fmt: skip
         if ctx.absgrad:  # as gsplat: the saved input is meta["means2d"] itself, read by DefaultStrategy(absgrad=True)

@@ -5,28 +5,43 @@
 // contributions below 1/255 skipped, a pixel stops before the Gaussian that
 // would bring its transmittance to 1e-4 or below.
 //
-// Each pixel is done in two passes: a scalar walk over the Gaussians reaching
-// its row decides the contributors and their weights (forward and backward
-// run the same walk, so they take exactly the same decisions), then the
-// channel work runs over that list in 32-byte vector registers (the caller
-// pads feature rows to a multiple of kPad channels).
+// Each pixel is done in two passes: a walk over the Gaussians reaching its
+// row decides the contributors and their weights (sigma, exp and alpha in
+// whole vectors per chunk, then a scalar pass for the transmittance), then
+// the channel work runs over that list in 32-byte vector registers (the
+// caller pads feature rows to a multiple of kPad channels) on a copy of the
+// tile's feature rows, contiguous and in cache. The forward keeps which
+// Gaussians each pixel composited (one bit per tile Gaussian) for the
+// backward, which recomputes only theirs, bit for bit, instead of walking
+// again.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <memory>
 #include <numeric>
+#include <type_traits>
 #include <vector>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
 constexpr double kAlphaMin = 1.0 / 255.0;
 constexpr double kAlphaMax = 0.999;
 constexpr double kTransmittanceMin = 1e-4;
-// Tile Gaussians are screened against a pixel this many at a time.
+// Tile Gaussians are screened against a pixel this many at a time: one bit each in a 64-bit mask.
 constexpr int64_t kChunk = 64;
 // Feature rows hold a multiple of this many channels (zero padded by the caller): whole 32-byte vectors for float.
 constexpr int64_t kPad = 8;
+// Channel vectors the channel loops keep in registers at once (half of AVX2's 16).
+constexpr int kMaxBlocks = 8;
+// exp(-sigma) is evaluated on sigma clamped to [0, kSigmaMax]: past it o * exp(-sigma) < 1/255 for any o <= 1, so
+// the clamp changes no decision.
+constexpr double kSigmaMax = 20;
 
 // 32 bytes of T: 8 floats or 4 doubles. GCC vector extensions: plain values the compiler keeps in registers.
 template <typename T>
@@ -46,6 +61,129 @@ struct Vec {
     return s;
   }
 };
+
+// Range reduction and Taylor degree of exp per type: the truncation error is below half an ulp.
+template <typename T>
+struct ExpTraits;
+template <>
+struct ExpTraits<float> {
+  using Int = int32_t;
+  static constexpr int degree = 7, mantissa = 23, bias = 127;
+  static constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;  // ln2_hi * n exact for |n| < 2^14
+};
+template <>
+struct ExpTraits<double> {
+  using Int = int64_t;
+  static constexpr int degree = 13, mantissa = 52, bias = 1023;
+  static constexpr double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+};
+
+// 1 / k! for k = 0..Degree, rounded to T.
+template <typename T, int Degree>
+struct Taylor {
+  T c[Degree + 1];
+  constexpr Taylor() : c() {
+    double f = 1;
+    for (int k = 0; k <= Degree; ++k) {
+      f *= k > 1 ? k : 1;
+      c[k] = static_cast<T>(1 / f);
+    }
+  }
+};
+
+// exp(-s) lane by lane for s in [0, kSigmaMax]: -s = n ln2 + r with |r| <= ln2 / 2, a Taylor polynomial in r,
+// times 2^n written into the exponent bits. Vectorised, unlike std::exp, and within an ulp or two of it.
+template <typename T>
+typename Vec<T>::type exp_neg(typename Vec<T>::type s) {
+  using V = Vec<T>;
+  using E = ExpTraits<T>;
+  using I = typename E::Int;
+  typedef I itype __attribute__((vector_size(32)));
+  static constexpr Taylor<T, E::degree> taylor{};
+  const typename V::type x = -s;
+  // round to nearest: the argument is positive, so truncation is floor
+  const itype n = __builtin_convertvector(x * T(M_LOG2E) + T(64.5), itype) - I(64);
+  const typename V::type nf = __builtin_convertvector(n, typename V::type);
+  const typename V::type r = (x - nf * E::ln2_hi) - nf * E::ln2_lo;
+  typename V::type p = V::splat(taylor.c[E::degree]);
+  for (int k = E::degree - 1; k >= 0; --k) p = p * r + taylor.c[k];
+  const itype bits = (n + I(E::bias)) << E::mantissa;
+  typename V::type scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// Bit l set where lane l of a vector comparison (lanes all ones or all zeros) is true.
+template <typename M>
+uint32_t lane_bits(M mask) {
+  constexpr int lanes = sizeof(M) / sizeof(mask[0]);
+#if defined(__AVX__)
+  if constexpr (lanes == 8)
+    return static_cast<uint32_t>(_mm256_movemask_ps((__m256)mask));
+  else
+    return static_cast<uint32_t>(_mm256_movemask_pd((__m256d)mask));
+#else
+  uint32_t bits = 0;
+  for (int l = 0; l < lanes; ++l) bits |= static_cast<uint32_t>(mask[l] & 1) << l;
+  return bits;
+#endif
+}
+
+// Calls body(std::integral_constant<int, NB>) with NB = blocks (1 <= blocks <= kMaxBlocks): channel loops get their
+// vector count at compile time, so their accumulators stay in registers.
+template <int NB = kMaxBlocks, typename F>
+void with_blocks(int64_t blocks, const F& body) {
+  if constexpr (NB > 1) {
+    if (blocks < NB) return with_blocks<NB - 1>(blocks, body);
+  }
+  body(std::integral_constant<int, NB>{});
+}
+
+// out[c] = sum over q of w[q] * features[local[q] * D + c], c in [0, D): contributors inside, up to kMaxBlocks
+// channel vectors outside, summed in registers (independent add chains, one pass over the list per block group).
+template <typename T>
+void weighted_sum(const T* features, int64_t D, const int32_t* local, const T* w, int64_t n, T* out) {
+  using V = Vec<T>;
+  for (int64_t c0 = 0; c0 < D; c0 += kMaxBlocks * V::lanes) {
+    with_blocks(std::min<int64_t>(kMaxBlocks, (D - c0) / V::lanes), [&](auto blocks) {
+      constexpr int NB = decltype(blocks)::value;
+      typename V::type acc[NB] = {};
+      for (int64_t q = 0; q < n; ++q) {
+        const typename V::type wq = V::splat(w[q]);
+        const T* f = features + local[q] * D + c0;
+        for (int b = 0; b < NB; ++b) acc[b] += V::load(f + b * V::lanes) * wq;
+      }
+      for (int b = 0; b < NB; ++b) V::store(out + c0 + b * V::lanes, acc[b]);
+    });
+  }
+}
+
+// The channel part of one pixel's backward: grad[local[q] * D + c] += w[q] * v[c] and dot[q] = f_q . v for every
+// contributor q, v (d loss / d render of the pixel, D channels) held in registers per group of channel vectors.
+template <typename T>
+void feature_gradients(const T* features, T* grad, int64_t D, const int32_t* local, const T* w, int64_t n,
+                       const T* v, T* dot) {
+  using V = Vec<T>;
+  std::fill(dot, dot + n, T(0));
+  for (int64_t c0 = 0; c0 < D; c0 += kMaxBlocks * V::lanes) {
+    with_blocks(std::min<int64_t>(kMaxBlocks, (D - c0) / V::lanes), [&](auto blocks) {
+      constexpr int NB = decltype(blocks)::value;
+      typename V::type vb[NB];
+      for (int b = 0; b < NB; ++b) vb[b] = V::load(v + c0 + b * V::lanes);
+      for (int64_t q = 0; q < n; ++q) {
+        const typename V::type wq = V::splat(w[q]);
+        const T* f = features + local[q] * D + c0;
+        T* g = grad + local[q] * D + c0;
+        typename V::type s{};
+        for (int b = 0; b < NB; ++b) {
+          V::store(g + b * V::lanes, V::load(g + b * V::lanes) + wq * vb[b]);
+          s += V::load(f + b * V::lanes) * vb[b];
+        }
+        dot[q] += V::sum(s);
+      }
+    });
+  }
+}
 
 int num_threads() { return std::max(1, at::get_num_threads()); }
 
@@ -68,139 +206,142 @@ struct Grid {
   int64_t tiles() const { return tiles_w * tiles_h; }
 };
 
-// Screen-space Gaussians as a structure of arrays.
-template <typename T>
-struct GaussianSoA {
-  std::vector<T> x, y, ca, cb, cc, op;
-  std::vector<T> cut;    // alpha < 1/255 exactly when sigma > log(255 o): skips exp() for far pixels
-  std::vector<T> row_k;  // min over x of sigma at row offset dy is row_k * dy^2, row_k = 0.5 det(conic) / a
-  std::vector<int64_t> id;
-  std::vector<int32_t> local;  // position in the tile's list
-
-  void resize(int64_t n) {
-    for (auto* v : {&x, &y, &ca, &cb, &cc, &op, &cut, &row_k}) v->resize(n);
-    id.resize(n);
-    local.resize(n);
-  }
-};
-
-// One pixel's contributors front to back, as the walk found them: row-list index, alpha, exp(-sigma) and the
-// transmittance in front of each; then the channel passes' per-contributor scratch (weight alpha * trans, feature
-// row, f . v in the backward).
+// One pixel's contributors front to back, as the walk found them: position in the tile's list, alpha,
+// exp(-sigma), the transmittance in front of each and its weight alpha * transmittance; `dot` is the backward's
+// f . v scratch.
 template <typename T>
 struct Contributors {
-  std::vector<int32_t> k;
+  std::vector<int32_t> local;
   std::vector<T> alpha, vis, trans, weight, dot;
-  std::vector<const T*> feature;
   int64_t n = 0;
   T t_final = 1;  // transmittance behind the last one
 
   void reserve(int64_t capacity) {
-    if (static_cast<int64_t>(k.size()) >= capacity) return;
-    k.resize(capacity);
-    feature.resize(capacity);
+    if (static_cast<int64_t>(local.size()) >= capacity) return;
+    local.resize(capacity);
     for (auto* v : {&alpha, &vis, &trans, &weight, &dot}) v->resize(capacity);
   }
 };
 
-// Gaussians of one tile gathered contiguously (`tile`), and the subset of them reaching the current pixel
-// row (`row`, same depth order), so each pixel screens only Gaussians that can touch its row.
+// Gaussians of one tile gathered contiguously in depth order (structure of arrays, with their feature rows), and
+// the subset of them reaching the current pixel row (`row_*`, same order), so each pixel screens only Gaussians
+// that can touch its row.
 template <typename T>
 struct TileGaussians {
-  GaussianSoA<T> tile, row;
+  int64_t n = 0, D = 0;
+  std::vector<T> x, y, ca, cb, cc, op;  // y, cut and row_k padded to whole vectors for select_row()
+  std::vector<T> cut;    // sigma <= cut exactly when o * exp(-sigma) >= 1/255
+  std::vector<T> row_k;  // min over x of sigma at row offset dy is row_k * dy^2, row_k = 0.5 det(conic) / a
+  std::vector<int64_t> id;
+  std::vector<T> features;  // [n, D]
+  // the row list: padded by kChunk entries so that screening reads whole vectors
+  std::vector<T> row_x, row_y, row_ca, row_cb, row_cc, row_op;
+  std::vector<int32_t> row_local;
   int64_t n_row = 0;
   Contributors<T> list;
   std::vector<T> grad_f;  // backward: feature gradients of the tile's Gaussians, [n, D], flushed once per tile
   std::vector<T> grad_g;  // backward: (means2d, conics, opacity, |means2d| per pixel) gradients, [n, 8]
-  T sig[kChunk];        // screen() output: sigma of each Gaussian of the chunk
-  int32_t idx[kChunk];  // screen() output: row-list offsets of the Gaussians that reach the pixel
+  // screen() output for one chunk: exp(-sigma) and alpha of each
+  alignas(32) T vis[kChunk];
+  alignas(32) T alpha[kChunk];
 
-  void gather(const T* means2d, const T* conics, const T* opacities, const int64_t* ids, int64_t start,
-              int64_t end) {
-    const int64_t n = end - start;
-    tile.resize(n);
-    row.resize(n);
+  void gather(const T* means2d, const T* conics, const T* opacities, const T* feat, int64_t channels,
+              const int64_t* ids, int64_t start, int64_t end) {
+    n = end - start;
+    D = channels;
+    for (auto* v : {&x, &ca, &cb, &cc, &op}) v->resize(n);
+    for (auto* v : {&y, &cut, &row_k}) v->resize(n + Vec<T>::lanes);
+    for (auto* v : {&row_x, &row_y, &row_ca, &row_cb, &row_cc, &row_op}) v->resize(n + kChunk);
+    id.resize(n);
+    row_local.resize(n + kChunk);
+    features.resize(n * D);
     list.reserve(n);
+    constexpr int64_t ahead = 8;  // prefetch distance: the ids are scattered over the whole scene
     for (int64_t k = 0; k < n; ++k) {
+      if (k + ahead < n) {
+        const int64_t next = ids[start + k + ahead];
+        for (int64_t c = 0; c < D; c += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(feat + next * D + c);
+        __builtin_prefetch(conics + 3 * next);
+      }
       const int64_t g = ids[start + k];
       const T a = conics[3 * g], b = conics[3 * g + 1], c = conics[3 * g + 2];
-      tile.id[k] = g;
-      tile.local[k] = static_cast<int32_t>(k);
-      tile.x[k] = means2d[2 * g];
-      tile.y[k] = means2d[2 * g + 1];
-      tile.ca[k] = a;
-      tile.cb[k] = b;
-      tile.cc[k] = c;
-      tile.op[k] = opacities[g];
-      tile.cut[k] = std::log(opacities[g] / T(kAlphaMin));
-      tile.row_k[k] = T(0.5) * (a * c - b * b) / a;
+      id[k] = g;
+      x[k] = means2d[2 * g];
+      y[k] = means2d[2 * g + 1];
+      ca[k] = a;
+      cb[k] = b;
+      cc[k] = c;
+      op[k] = opacities[g];
+      cut[k] = std::log(opacities[g] / T(kAlphaMin));
+      row_k[k] = T(0.5) * (a * c - b * b) / a;
+      std::memcpy(&features[k * D], feat + g * D, D * sizeof(T));
     }
   }
 
-  // Compacts into `row` the tile Gaussians whose footprint reaches pixel row py. A small margin keeps
+  // Compacts into the row list the tile Gaussians whose footprint reaches pixel row py. A small margin keeps
   // rounding from dropping a Gaussian the exact per-pixel test would accept.
   void select_row(T py) {
-    const int64_t n = static_cast<int64_t>(tile.id.size());
+    using V = Vec<T>;
     int64_t m = 0;
-    for (int64_t k = 0; k < n; ++k) {
-      const T dy = tile.y[k] - py;
-      row.x[m] = tile.x[k];
-      row.y[m] = tile.y[k];
-      row.ca[m] = tile.ca[k];
-      row.cb[m] = tile.cb[k];
-      row.cc[m] = tile.cc[k];
-      row.op[m] = tile.op[k];
-      row.cut[m] = tile.cut[k];
-      row.id[m] = tile.id[k];
-      row.local[m] = tile.local[k];
-      m += tile.row_k[k] * dy * dy <= tile.cut[k] * T(1.001) + T(1e-3);
+    for (int64_t k0 = 0; k0 < n; k0 += V::lanes) {
+      const typename V::type dy = V::load(&y[k0]) - py;
+      uint32_t bits = lane_bits(V::load(&row_k[k0]) * dy * dy <= V::load(&cut[k0]) * T(1.001) + T(1e-3));
+      if (n - k0 < V::lanes) bits &= (1u << (n - k0)) - 1;
+      for (; bits; bits &= bits - 1, ++m) {
+        const int64_t k = k0 + __builtin_ctz(bits);
+        row_x[m] = x[k];
+        row_y[m] = y[k];
+        row_ca[m] = ca[k];
+        row_cb[m] = cb[k];
+        row_cc[m] = cc[k];
+        row_op[m] = op[k];
+        row_local[m] = static_cast<int32_t>(k);
+      }
     }
     n_row = m;
   }
 
-  // Screens row Gaussians [k0, k1) (k1 - k0 <= kChunk) against pixel (px, py): writes sigma of each to
-  // sig and the offsets of those with 0 <= sigma <= cut (alpha can reach 1/255) to idx, returns their
-  // count. Both loops are branch-free so they vectorise.
-  int64_t screen(T px, T py, int64_t k0, int64_t k1) {
-    const int64_t n = k1 - k0;
-    const T *gx = row.x.data() + k0, *gy = row.y.data() + k0, *a = row.ca.data() + k0,
-            *b = row.cb.data() + k0, *c = row.cc.data() + k0, *lim = row.cut.data() + k0;
-    for (int64_t j = 0; j < n; ++j) {
-      const T dx = gx[j] - px, dy = gy[j] - py;
-      sig[j] = T(0.5) * (a[j] * dx * dx + c[j] * dy * dy) + b[j] * dx * dy;
+  // exp(-sigma) and alpha of row Gaussians [k0, k0 + len) (len <= kChunk) at pixel (px, py) into vis and alpha,
+  // in whole vectors (the row arrays are padded); returns the mask of those that contribute (sigma >= 0,
+  // alpha >= 1/255), bit j for Gaussian k0 + j, none past len. Branch-free.
+  uint64_t screen(T px, T py, int64_t k0, int64_t len) {
+    using V = Vec<T>;
+    using VT = typename V::type;
+    const T *gx = row_x.data() + k0, *gy = row_y.data() + k0, *a = row_ca.data() + k0, *b = row_cb.data() + k0,
+            *c = row_cc.data() + k0, *o = row_op.data() + k0;
+    uint64_t bits = 0;
+    for (int64_t j = 0; j < len; j += V::lanes) {
+      const VT dx = V::load(gx + j) - px, dy = V::load(gy + j) - py;
+      const VT s = T(0.5) * (V::load(a + j) * dx * dx + V::load(c + j) * dy * dy) + V::load(b + j) * dx * dy;
+      const VT clamped = s < T(0) ? V::splat(0) : (s > T(kSigmaMax) ? V::splat(T(kSigmaMax)) : s);
+      const VT e = exp_neg<T>(clamped);
+      const VT raw = V::load(o + j) * e;
+      const VT al = raw > T(kAlphaMax) ? V::splat(T(kAlphaMax)) : raw;
+      V::store(vis + j, e);
+      V::store(alpha + j, al);
+      bits |= static_cast<uint64_t>(lane_bits((s >= T(0)) & (al >= T(kAlphaMin)))) << j;
     }
-    int64_t m = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      idx[m] = static_cast<int32_t>(j);
-      m += (sig[j] >= 0) & (sig[j] <= lim[j]);
-    }
-    return m;
+    return len < kChunk ? bits & ((uint64_t(1) << len) - 1) : bits;
   }
 
-  // The front-to-back walk of pixel (px, py) over the current row list, into `list`. Forward and backward both
-  // call it, so they agree on every contributor.
+  // The front-to-back walk of pixel (px, py) over the current row list: the contributors' tile positions and
+  // weights into `list` (what the forward composites).
   void walk(T px, T py) {
     Contributors<T>& out = list;
-    const int64_t n = n_row;
     T t = 1;
     int64_t m = 0;
     bool done = false;
-    for (int64_t k0 = 0; k0 < n && !done; k0 += kChunk) {
-      const int64_t m_pass = screen(px, py, k0, std::min(n, k0 + kChunk));
-      for (int64_t q = 0; q < m_pass; ++q) {
-        const int64_t k = k0 + idx[q];
-        const T vis = std::exp(-sig[idx[q]]);
-        const T a = std::min(T(kAlphaMax), row.op[k] * vis);
-        if (a < T(kAlphaMin)) continue;
+    for (int64_t k0 = 0; k0 < n_row && !done; k0 += kChunk) {
+      for (uint64_t bits = screen(px, py, k0, std::min(n_row - k0, kChunk)); bits; bits &= bits - 1) {
+        const int j = __builtin_ctzll(bits);
+        const T a = alpha[j];
         const T next = t * (1 - a);
         if (next <= T(kTransmittanceMin)) {
           done = true;
           break;
         }
-        out.k[m] = static_cast<int32_t>(k);
-        out.alpha[m] = a;
-        out.vis[m] = vis;
-        out.trans[m] = t;
+        out.local[m] = row_local[k0 + j];
+        out.weight[m] = a * t;
         ++m;
         t = next;
       }
@@ -208,7 +349,53 @@ struct TileGaussians {
     out.n = m;
     out.t_final = t;
   }
+
+  // `list` for pixel (px, py) from its contributor mask (bit k set: tile Gaussian k composited, words of 64
+  // bits), with the row list holding exactly those Gaussians in order (the backward reads their parameters
+  // there): exp(-sigma) and alpha by screen() and the transmittance chained as walk() chains it, so bitwise what
+  // walk() found.
+  void reload(const uint64_t* mask, int64_t words, T px, T py) {
+    Contributors<T>& out = list;
+    int64_t m = 0;
+    for (int64_t w = 0; w < words; ++w)
+      for (uint64_t bits = mask[w]; bits; bits &= bits - 1, ++m) {
+        const int32_t k = static_cast<int32_t>(64 * w + __builtin_ctzll(bits));
+        out.local[m] = k;
+        row_x[m] = x[k];
+        row_y[m] = y[k];
+        row_ca[m] = ca[k];
+        row_cb[m] = cb[k];
+        row_cc[m] = cc[k];
+        row_op[m] = op[k];
+      }
+    n_row = m;
+    T t = 1;
+    for (int64_t q0 = 0; q0 < m; q0 += kChunk) {
+      const int64_t len = std::min(m - q0, kChunk);
+      screen(px, py, q0, len);
+      for (int64_t q = 0; q < len; ++q) {
+        const T a = alpha[q];
+        out.alpha[q0 + q] = a;
+        out.vis[q0 + q] = vis[q];
+        out.trans[q0 + q] = t;
+        out.weight[q0 + q] = a * t;
+        t = t * (1 - a);
+      }
+    }
+    out.n = m;
+    out.t_final = t;
+  }
 };
+
+// Where each tile's contributor masks start in the flat mask buffer (one entry per tile, plus the total): a tile
+// of n Gaussians holds tile_size^2 pixel masks of ceil(n / 64) words, pixel (i, j) of the tile at (i * tile_size
+// + j) * words. 32 bytes per tile-Gaussian pair, whatever the number of channels.
+std::vector<int64_t> mask_starts(const int64_t* off, int64_t n_tiles, int64_t tile_size) {
+  std::vector<int64_t> start(n_tiles + 1, 0);
+  for (int64_t t = 0; t < n_tiles; ++t)
+    start[t + 1] = start[t] + tile_size * tile_size * ((off[t + 1] - off[t] + 63) / 64);
+  return start;
+}
 
 // Rectangle of tiles [x0, x1) x [y0, y1) touched by a Gaussian's screen bounds.
 template <typename T>
@@ -220,6 +407,31 @@ void tile_rect(T mx, T my, int32_t rx, int32_t ry, const Grid& g, int64_t r[4]) 
   r[2] = clampi(static_cast<int64_t>(std::floor((my - ry) / ts)), g.tiles_h);
   r[3] = clampi(static_cast<int64_t>(std::ceil((my + ry) / ts)), g.tiles_h);
 }
+
+// A Gaussian's sort key in a tile: depth, then id.
+template <typename T>
+struct DepthKey {
+  T depth;
+  int64_t id;
+  static DepthKey make(T depth, int64_t id) { return {depth, id}; }
+  int64_t index() const { return id; }
+  bool operator<(const DepthKey& o) const { return depth < o.depth || (depth == o.depth && id < o.id); }
+};
+
+// For float (training) one integer: the depth's bits mapped to an order-preserving unsigned integer above a 32-bit
+// id; integer compares sort several times faster than the pair.
+template <>
+struct DepthKey<float> {
+  uint64_t key;
+  static DepthKey make(float depth, int64_t id) {
+    uint32_t u;
+    std::memcpy(&u, &depth, sizeof(u));
+    u ^= (u >> 31) ? 0xFFFFFFFFu : 0x80000000u;  // negatives reversed below positives
+    return {(static_cast<uint64_t>(u) << 32) | static_cast<uint64_t>(id)};
+  }
+  int64_t index() const { return static_cast<int64_t>(key & 0xFFFFFFFFu); }
+  bool operator<(const DepthKey& o) const { return key < o.key; }
+};
 
 template <typename T>
 std::vector<at::Tensor> bin_impl(const at::Tensor& means2d, const at::Tensor& radii,
@@ -245,24 +457,20 @@ std::vector<at::Tensor> bin_impl(const at::Tensor& means2d, const at::Tensor& ra
 
   // (depth, id) pairs sorted per tile: the same (tile, depth, id) order as gsplat's radix sort, without the
   // indirect loads and buffer allocations of a stable sort of ids by depth.
-  struct Key {
-    T depth;
-    int64_t id;
-    bool operator<(const Key& o) const { return depth < o.depth || (depth == o.depth && id < o.id); }
-  };
-  std::vector<Key> keys(counts[n_tiles]);
+  std::vector<DepthKey<T>> keys(counts[n_tiles]);
   std::vector<int64_t> cursor(counts, counts + n_tiles);
   for (int64_t e = 0; e < B * N; ++e) {
     const int64_t* r = &rects[4 * e];
     const int64_t base = (e / N) * grid.tiles();
     for (int64_t ty = r[2]; ty < r[3]; ++ty)
-      for (int64_t tx = r[0]; tx < r[1]; ++tx) keys[cursor[base + ty * grid.tiles_w + tx]++] = {dep[e], e};
+      for (int64_t tx = r[0]; tx < r[1]; ++tx)
+        keys[cursor[base + ty * grid.tiles_w + tx]++] = DepthKey<T>::make(dep[e], e);
   }
   auto flat_ids = torch::empty({counts[n_tiles]}, torch::kInt64);
   int64_t* out = flat_ids.data_ptr<int64_t>();
   parallel_tasks(n_tiles, num_threads(), [&](int64_t t, int) {
     std::sort(keys.begin() + counts[t], keys.begin() + counts[t + 1]);
-    for (int64_t i = counts[t]; i < counts[t + 1]; ++i) out[i] = keys[i].id;
+    for (int64_t i = counts[t]; i < counts[t + 1]; ++i) out[i] = keys[i].index();
   });
   return {offsets, flat_ids};
 }
@@ -270,8 +478,7 @@ std::vector<at::Tensor> bin_impl(const at::Tensor& means2d, const at::Tensor& ra
 template <typename T>
 void forward_impl(const at::Tensor& means2d, const at::Tensor& conics, const at::Tensor& opacities,
                   const at::Tensor& features, const at::Tensor& offsets, const at::Tensor& flat_ids,
-                  const Grid& grid, at::Tensor& head, at::Tensor& tail, at::Tensor& alpha) {
-  using V = Vec<T>;
+                  const Grid& grid, at::Tensor& head, at::Tensor& tail, at::Tensor& alpha, uint64_t* masks) {
   const int64_t D = features.size(2);
   const int64_t split = head.size(3), used = split + tail.size(3);
   const T* m = means2d.data_ptr<T>();
@@ -289,54 +496,44 @@ void forward_impl(const at::Tensor& means2d, const at::Tensor& conics, const at:
   const int workers = num_threads();
   std::vector<TileGaussians<T>> scratch(workers);
   std::vector<std::vector<T>> pixel(workers, std::vector<T>(D));
+  const std::vector<int64_t> mask_start = masks ? mask_starts(off, n_tiles, grid.tile_size) : std::vector<int64_t>();
   parallel_tasks(n_tiles, workers, [&](int64_t t, int worker) {
     TileGaussians<T>& tg = scratch[worker];
-    Contributors<T>& list = tg.list;
+    const Contributors<T>& list = tg.list;
     T* acc = pixel[worker].data();
     const int64_t b = t / grid.tiles(), tt = t % grid.tiles();
     const int64_t i0 = (tt / grid.tiles_w) * grid.tile_size, j0 = (tt % grid.tiles_w) * grid.tile_size;
-    const int64_t start = off[t], end = off[t + 1];
-    tg.gather(m, con, opa, ids, start, end);
-    const T** f = list.feature.data();
-    T* w = list.weight.data();
+    tg.gather(m, con, opa, feat, D, ids, off[t], off[t + 1]);
+    const int64_t words = (tg.n + 63) / 64;
     for (int64_t i = i0; i < std::min(i0 + grid.tile_size, grid.height); ++i) {
       tg.select_row(i + T(0.5));
       for (int64_t j = j0; j < std::min(j0 + grid.tile_size, grid.width); ++j) {
         tg.walk(j + T(0.5), i + T(0.5));
-        const int64_t n = list.n;
-        for (int64_t q = 0; q < n; ++q) {
-          w[q] = list.alpha[q] * list.trans[q];
-          f[q] = feat + tg.row.id[list.k[q]] * D;
-        }
-        // channel block outside, contributors inside: the block's sum stays in two registers (two chains
-        // halve the add latency per contributor)
-        for (int64_t c = 0; c < D; c += V::lanes) {
-          typename V::type s0{}, s1{};
-          int64_t q = 0;
-          for (; q + 1 < n; q += 2) {
-            s0 += V::load(f[q] + c) * V::splat(w[q]);
-            s1 += V::load(f[q + 1] + c) * V::splat(w[q + 1]);
-          }
-          if (q < n) s0 += V::load(f[q] + c) * V::splat(w[q]);
-          V::store(acc + c, s0 + s1);
-        }
+        weighted_sum(tg.features.data(), D, list.local.data(), list.weight.data(), list.n, acc);
         const int64_t pix = b * HW + i * grid.width + j;
         std::copy(acc, acc + split, out_head + pix * split);
         std::copy(acc + split, acc + used, out_tail + pix * (used - split));
         out_alpha[pix] = 1 - list.t_final;
+        if (masks) {
+          uint64_t* mask = masks + mask_start[t] + ((i - i0) * grid.tile_size + j - j0) * words;
+          std::fill(mask, mask + words, uint64_t(0));
+          for (int64_t q = 0; q < list.n; ++q) mask[list.local[q] >> 6] |= uint64_t(1) << (list.local[q] & 63);
+        }
       }
     }
   });
 }
 
-// Per pixel the walk is redone, then the contributors are visited back to front with the running sum of what
-// lies behind. Gradients are summed into one buffer per thread (no atomics), reduced after the loop.
+// Per pixel the forward's contributors are reloaded, then visited are visited back to front with the running sum of
+// what lies behind. Gradients are summed into one buffer per thread (no atomics), reduced after the loop into
+// the outputs: v_means2d [B, N, 2], v_conics [B, N, 3], v_opacities [B, N], v_features [B, N, D] and the per-pixel
+// absolute means2d gradients summed, v_abs [B, N, 2].
 template <typename T>
 void backward_impl(const at::Tensor& means2d, const at::Tensor& conics, const at::Tensor& opacities,
                    const at::Tensor& features, const at::Tensor& offsets, const at::Tensor& flat_ids,
-                   const at::Tensor& v_head, const at::Tensor& v_tail, const at::Tensor& v_alpha, const Grid& grid,
-                   at::Tensor& g_means2d, at::Tensor& g_conics, at::Tensor& g_opacities, at::Tensor& g_features) {
-  using V = Vec<T>;
+                   const uint64_t* masks, const at::Tensor& v_head, const at::Tensor& v_tail,
+                   const at::Tensor& v_alpha, const Grid& grid, at::Tensor& v_means2d, at::Tensor& v_conics,
+                   at::Tensor& v_opacities, at::Tensor& v_features, at::Tensor& v_abs) {
   const int64_t B = features.size(0), N = features.size(1), D = features.size(2);
   const int64_t E = B * N;
   const T* m = means2d.data_ptr<T>();
@@ -351,68 +548,59 @@ void backward_impl(const at::Tensor& means2d, const at::Tensor& conics, const at
   const T* va = v_alpha.data_ptr<T>();
   const int64_t n_tiles = B * grid.tiles();
   const int64_t HW = grid.width * grid.height;
-  T* gm = g_means2d.data_ptr<T>();  // [threads, E, 4]: gradient and its absolute value summed per pixel
-  T* gc = g_conics.data_ptr<T>();   // [threads, E, 3]
-  T* go = g_opacities.data_ptr<T>();  // [threads, E]
-  T* gf = g_features.data_ptr<T>();   // [threads, E, D]
-  const int threads = static_cast<int>(g_means2d.size(0));
+  const int threads = num_threads();
+  // per thread [E, D + 8]: the feature gradients, then the tile's 8 geometric ones in grad_g's order; zeroed by
+  // the threads themselves
+  const int64_t row = D + 8;
+  std::unique_ptr<T[]> sums(new T[threads * E * row]);  // uninitialised: zeroed in parallel below
+  T* per_thread = sums.get();
+  at::parallel_for(0, threads * E, 4096, [&](int64_t begin, int64_t end) {
+    std::fill(per_thread + begin * row, per_thread + end * row, T(0));
+  });
+  const std::vector<int64_t> mask_start = mask_starts(off, n_tiles, grid.tile_size);
 
   std::vector<TileGaussians<T>> scratch(threads);
   std::vector<std::vector<T>> pixel(threads, std::vector<T>(D, T(0)));
   parallel_tasks(n_tiles, threads, [&](int64_t t, int worker) {
     TileGaussians<T>& tg = scratch[worker];
     Contributors<T>& list = tg.list;
-    const GaussianSoA<T>& row = tg.row;
     T* vout = pixel[worker].data();  // d loss / d render of this pixel, all D channels (padding stays 0)
     const int64_t b = t / grid.tiles(), tt = t % grid.tiles();
     const int64_t i0 = (tt / grid.tiles_w) * grid.tile_size, j0 = (tt % grid.tiles_w) * grid.tile_size;
     const int64_t start = off[t], end = off[t + 1];
     if (end == start) return;
-    tg.gather(m, con, opa, ids, start, end);
+    tg.gather(m, con, opa, feat, D, ids, start, end);
     // Per-tile gradients: written in cache, flushed once
-    tg.grad_f.assign((end - start) * D, T(0));
-    tg.grad_g.assign((end - start) * 8, T(0));
-    T* dot = list.dot.data();
+    tg.grad_f.assign(tg.n * D, T(0));
+    tg.grad_g.assign(tg.n * 8, T(0));
+    const int64_t words = (tg.n + 63) / 64;
     for (int64_t i = i0; i < std::min(i0 + grid.tile_size, grid.height); ++i) {
-      tg.select_row(i + T(0.5));
       for (int64_t j = j0; j < std::min(j0 + grid.tile_size, grid.width); ++j) {
         const int64_t pix = b * HW + i * grid.width + j;
         const T px = j + T(0.5), py = i + T(0.5);
-        tg.walk(px, py);
+        tg.reload(masks + mask_start[t] + ((i - i0) * grid.tile_size + j - j0) * words, words, px, py);
         const int64_t n = list.n;
         if (n == 0) continue;
         std::copy(vh + pix * split, vh + (pix + 1) * split, vout);
         std::copy(vt + pix * rest, vt + (pix + 1) * rest, vout + split);
-        // feature gradients (w v) and f . v of every contributor: channel vectors of v stay in registers
-        for (int64_t q = 0; q < n; ++q) {
-          const int64_t k = list.k[q];
-          const T w = list.alpha[q] * list.trans[q];
-          const T* f = feat + row.id[k] * D;
-          T* vf = tg.grad_f.data() + row.local[k] * D;
-          typename V::type s{};
-          for (int64_t c = 0; c < D; c += V::lanes) {
-            const typename V::type v = V::load(vout + c);
-            V::store(vf + c, V::load(vf + c) + V::splat(w) * v);
-            s += V::load(f + c) * v;
-          }
-          dot[q] = V::sum(s);
-        }
+        feature_gradients(tg.features.data(), tg.grad_f.data(), D, list.local.data(), list.weight.data(), n, vout,
+                          list.dot.data());
         const T t_final = list.t_final, va_out = va[pix];
         T behind = 0;  // sum over the contributors behind the current one of w_i * (f_i . v_render)
         for (int64_t q = n - 1; q >= 0; --q) {
-          const int64_t k = list.k[q];
-          const T a = list.alpha[q], vis = list.vis[q], trans = list.trans[q];
-          const T raw = row.op[k] * vis;
+          const T a = list.alpha[q], vis = list.vis[q], trans = list.trans[q], dot = list.dot[q];
+          const T raw = tg.row_op[q] * vis;
           const T inv = 1 / (1 - a);
           // d render / d alpha_k = f_k T_k - (contributions behind k) / (1 - alpha_k)
-          const T v_a = va_out * t_final * inv + dot[q] * trans - behind * inv;
-          behind += a * trans * dot[q];
+          const T v_a = va_out * t_final * inv + dot * trans - behind * inv;
+          behind += a * trans * dot;
           if (raw > T(kAlphaMax)) continue;  // clamped: no gradient to o or sigma
-          const T dx = row.x[k] - px, dy = row.y[k] - py;
+          const T dx = tg.row_x[q] - px, dy = tg.row_y[q] - py;
+          const T ca = tg.row_ca[q], cb = tg.row_cb[q], cc = tg.row_cc[q];
           const T v_sigma = -raw * v_a;
-          const T v_mx = (row.ca[k] * dx + row.cb[k] * dy) * v_sigma;
-          const T v_my = (row.cb[k] * dx + row.cc[k] * dy) * v_sigma;
-          T* vg = tg.grad_g.data() + row.local[k] * 8;
+          const T v_mx = (ca * dx + cb * dy) * v_sigma;
+          const T v_my = (cb * dx + cc * dy) * v_sigma;
+          T* vg = tg.grad_g.data() + list.local[q] * 8;
           vg[0] += v_mx;
           vg[1] += v_my;
           vg[2] += T(0.5) * dx * dx * v_sigma;
@@ -424,22 +612,35 @@ void backward_impl(const at::Tensor& means2d, const at::Tensor& conics, const at
         }
       }
     }
-    // Gaussians span several tiles handled by any worker: each worker sums into its own buffers.
-    T* my_m = gm + worker * E * 4;
-    T* my_c = gc + worker * E * 3;
-    T* my_o = go + worker * E;
-    T* my_f = gf + worker * E * D;
-    for (int64_t k = 0; k < end - start; ++k) {
-      const int64_t g = tg.tile.id[k];
+    // Gaussians span several tiles handled by any worker: each worker sums into its own buffer.
+    T* mine = per_thread + worker * E * row;
+    for (int64_t k = 0; k < tg.n; ++k) {
+      T* dst = mine + tg.id[k] * row;
       const T* src_f = tg.grad_f.data() + k * D;
-      const T* src = tg.grad_g.data() + k * 8;
-      for (int64_t c = 0; c < D; ++c) my_f[g * D + c] += src_f[c];
-      my_m[4 * g] += src[0];
-      my_m[4 * g + 1] += src[1];
-      my_m[4 * g + 2] += src[6];
-      my_m[4 * g + 3] += src[7];
-      for (int64_t c = 0; c < 3; ++c) my_c[3 * g + c] += src[2 + c];
-      my_o[g] += src[5];
+      const T* src_g = tg.grad_g.data() + k * 8;
+      for (int64_t c = 0; c < D; ++c) dst[c] += src_f[c];
+      for (int64_t c = 0; c < 8; ++c) dst[D + c] += src_g[c];
+    }
+  });
+  T* out_m = v_means2d.data_ptr<T>();
+  T* out_c = v_conics.data_ptr<T>();
+  T* out_o = v_opacities.data_ptr<T>();
+  T* out_f = v_features.data_ptr<T>();
+  T* out_abs = v_abs.data_ptr<T>();
+  at::parallel_for(0, E, 1024, [&](int64_t begin, int64_t end) {
+    std::vector<T> total(row);
+    for (int64_t g = begin; g < end; ++g) {
+      std::copy(per_thread + g * row, per_thread + (g + 1) * row, total.begin());
+      for (int w = 1; w < threads; ++w)
+        for (int64_t c = 0; c < row; ++c) total[c] += per_thread[(w * E + g) * row + c];
+      std::copy(total.begin(), total.begin() + D, out_f + g * D);
+      const T* geo = total.data() + D;  // (means2d, conics, opacity, |means2d|)
+      out_m[2 * g] = geo[0];
+      out_m[2 * g + 1] = geo[1];
+      for (int64_t c = 0; c < 3; ++c) out_c[3 * g + c] = geo[2 + c];
+      out_o[g] = geo[5];
+      out_abs[2 * g] = geo[6];
+      out_abs[2 * g + 1] = geo[7];
     }
   });
 }
@@ -467,6 +668,7 @@ std::vector<at::Tensor> bin_gaussians(at::Tensor means2d, at::Tensor radii, at::
   for (auto& [t, n] : {std::pair{means2d, "means2d"}, {radii, "radii"}, {depths, "depths"}})
     check_cpu_contiguous(t, n);
   TORCH_CHECK(radii.scalar_type() == torch::kInt32, "radii must be int32");
+  TORCH_CHECK(means2d.size(0) * means2d.size(1) < (int64_t(1) << 32), "at most 2^32 Gaussian-camera pairs");
   const Grid grid = make_grid(width, height, tile_size);
   std::vector<at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(means2d.scalar_type(), "bin_gaussians", [&] {
@@ -477,11 +679,12 @@ std::vector<at::Tensor> bin_gaussians(at::Tensor means2d, at::Tensor radii, at::
 
 // features [B, N, D] (D a multiple of 8, zero padded) are rendered into two images, channels [0, split) and
 // [split, used) (e.g. colors and depth), so callers need no slicing: -> (head [B, H, W, split],
-// tail [B, H, W, used - split], alpha [B, H, W]).
+// tail [B, H, W, used - split], alpha [B, H, W]), with keep_masks followed by the pixels' contributor masks that
+// rasterize_backward takes (int64, 32 bytes per tile-Gaussian pair).
 std::vector<at::Tensor> rasterize_forward(at::Tensor means2d, at::Tensor conics, at::Tensor opacities,
                                           at::Tensor features, at::Tensor offsets, at::Tensor flat_ids,
                                           int64_t split, int64_t used, int64_t width, int64_t height,
-                                          int64_t tile_size) {
+                                          int64_t tile_size, bool keep_masks) {
   for (auto& [t, n] : {std::pair{means2d, "means2d"}, {conics, "conics"}, {opacities, "opacities"},
                        {features, "features"}, {offsets, "offsets"}, {flat_ids, "flat_ids"}})
     check_cpu_contiguous(t, n);
@@ -492,39 +695,44 @@ std::vector<at::Tensor> rasterize_forward(at::Tensor means2d, at::Tensor conics,
   auto head = torch::empty({B, height, width, split}, features.options());
   auto tail = torch::empty({B, height, width, used - split}, features.options());
   auto alpha = torch::empty({B, height, width}, features.options());
+  at::Tensor masks;
+  if (keep_masks)
+    masks = torch::empty({mask_starts(offsets.data_ptr<int64_t>(), B * grid.tiles(), tile_size).back()}, torch::kInt64);
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "rasterize_forward", [&] {
-    forward_impl<scalar_t>(means2d, conics, opacities, features, offsets, flat_ids, grid, head, tail, alpha);
+    forward_impl<scalar_t>(means2d, conics, opacities, features, offsets, flat_ids, grid, head, tail, alpha,
+                           keep_masks ? reinterpret_cast<uint64_t*>(masks.data_ptr<int64_t>()) : nullptr);
   });
-  return {head, tail, alpha};
+  if (!keep_masks) return {head, tail, alpha};
+  return {head, tail, alpha, masks};
 }
 
 // -> gradients w.r.t. (means2d [B, N, 2], conics [B, N, 3], opacities [B, N], features [B, N, D]) and the
 // per-pixel absolute means2d gradients summed [B, N, 2] (gsplat's absgrad).
 std::vector<at::Tensor> rasterize_backward(at::Tensor means2d, at::Tensor conics, at::Tensor opacities,
                                            at::Tensor features, at::Tensor offsets, at::Tensor flat_ids,
-                                           at::Tensor v_head, at::Tensor v_tail, at::Tensor v_alpha,
+                                           at::Tensor masks, at::Tensor v_head, at::Tensor v_tail, at::Tensor v_alpha,
                                            int64_t width, int64_t height, int64_t tile_size) {
   for (auto& [t, n] : {std::pair{v_head, "v_head"}, {v_tail, "v_tail"}, {v_alpha, "v_alpha"},
-                       {features, "features"}, {means2d, "means2d"}, {conics, "conics"}, {opacities, "opacities"}})
+                       {features, "features"}, {means2d, "means2d"}, {conics, "conics"}, {opacities, "opacities"},
+                       {masks, "masks"}})
     check_cpu_contiguous(t, n);
   check_padded(features);
   const Grid grid = make_grid(width, height, tile_size);
   const int64_t B = features.size(0), N = features.size(1), D = features.size(2);
   TORCH_CHECK(v_head.size(3) + v_tail.size(3) <= D, "more rendered channels than features");
-  const int64_t T = num_threads();
+  TORCH_CHECK(masks.scalar_type() == torch::kInt64 &&
+                  masks.numel() == mask_starts(offsets.data_ptr<int64_t>(), B * grid.tiles(), tile_size).back(),
+              "contributor masks do not match the tiles: pass those of rasterize_forward(..., keep_masks=True)");
   auto opts = features.options();
-  auto g_means2d = torch::zeros({T, B, N, 4}, opts);
-  auto g_conics = torch::zeros({T, B, N, 3}, opts);
-  auto g_opacities = torch::zeros({T, B, N}, opts);
-  auto g_features = torch::zeros({T, B, N, D}, opts);
+  auto v_means2d = torch::empty({B, N, 2}, opts), v_abs = torch::empty({B, N, 2}, opts);
+  auto v_conics = torch::empty({B, N, 3}, opts), v_opacities = torch::empty({B, N}, opts);
+  auto v_features = torch::empty({B, N, D}, opts);
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "rasterize_backward", [&] {
-    backward_impl<scalar_t>(means2d, conics, opacities, features, offsets, flat_ids, v_head, v_tail, v_alpha, grid,
-                            g_means2d, g_conics, g_opacities, g_features);
+    const auto* mask_words = reinterpret_cast<const uint64_t*>(masks.data_ptr<int64_t>());
+    backward_impl<scalar_t>(means2d, conics, opacities, features, offsets, flat_ids, mask_words, v_head, v_tail,
+                            v_alpha, grid, v_means2d, v_conics, v_opacities, v_features, v_abs);
   });
-  auto reduce = [T](const at::Tensor& g) { return T == 1 ? g[0] : g.sum(0); };
-  const auto means = reduce(g_means2d);
-  return {means.narrow(-1, 0, 2).contiguous(), reduce(g_conics), reduce(g_opacities), reduce(g_features),
-          means.narrow(-1, 2, 2).contiguous()};
+  return {v_means2d, v_conics, v_opacities, v_features, v_abs};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
