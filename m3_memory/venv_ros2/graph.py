@@ -59,3 +59,10 @@ def lookup_type(names_and_types, name: str) -> str | None:
         if found == name and types:
             return types[0]
     return None
+
+
+def wait_for_type(node, names_and_types, name: str, timeout: float) -> str | None:
+    """The type of `name` among `names_and_types(node)` (a graph query), spinning until it appears or `timeout`
+    seconds pass (None then)."""
+    wait_for_graph(node, lambda: lookup_type(names_and_types(node), name), timeout)
+    return lookup_type(names_and_types(node), name)

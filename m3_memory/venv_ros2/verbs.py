@@ -10,7 +10,7 @@ import yaml
 from m3_memory.ros.graph_client import call_service, cancel_goal, client_node, send_goal, wait_result
 from m3_memory.ros.interfaces import PRINT_MAX_SEQUENCE, fill_message, import_interface, message_to_data
 from m3_memory.venv_ros2 import executables
-from m3_memory.venv_ros2.graph import is_hidden, lookup_type, settle, wait_for_graph
+from m3_memory.venv_ros2.graph import is_hidden, settle, wait_for_type
 
 TYPE_NAME = re.compile(r"^[A-Za-z_][\w]*/(msg|srv|action)/[A-Za-z_]\w*$")
 CLI_NODE = "m3_ros2_cli"
@@ -50,8 +50,7 @@ def service_call(args) -> int:
     type_name, request_text = split_type(args.type, args.request)
     if type_name is None:
         with client_node(CLI_NODE) as node:
-            wait_for_graph(node, lambda: lookup_type(node.get_service_names_and_types(), args.service), args.timeout)
-            type_name = lookup_type(node.get_service_names_and_types(), args.service)
+            type_name = wait_for_type(node, lambda n: n.get_service_names_and_types(), args.service, args.timeout)
         if type_name is None:
             print(f"service {args.service} not found on the ROS graph within {args.timeout:.0f} s "
                   "(is the server running, in the same ROS_DOMAIN_ID?)", file=sys.stderr)
@@ -89,8 +88,7 @@ def service_list(args) -> int:
 
 def service_type(args) -> int:
     with client_node(CLI_NODE) as node:
-        wait_for_graph(node, lambda: lookup_type(node.get_service_names_and_types(), args.service), args.timeout)
-        found = lookup_type(node.get_service_names_and_types(), args.service)
+        found = wait_for_type(node, lambda n: n.get_service_names_and_types(), args.service, args.timeout)
     if found is None:
         print(f"service {args.service} not found", file=sys.stderr)
         return 1
@@ -116,8 +114,7 @@ def topic_echo(args) -> int:
     with client_node(CLI_NODE) as node:
         type_name = args.type
         if type_name is None:
-            wait_for_graph(node, lambda: lookup_type(node.get_topic_names_and_types(), args.topic), args.timeout)
-            type_name = lookup_type(node.get_topic_names_and_types(), args.topic)
+            type_name = wait_for_type(node, lambda n: n.get_topic_names_and_types(), args.topic, args.timeout)
             if type_name is None:
                 print(f"topic {args.topic} not found; give its type as the second argument", file=sys.stderr)
                 return 1
@@ -195,8 +192,7 @@ def action_send_goal(args) -> int:
     action = "/" + args.action.lstrip("/")
     with client_node(CLI_NODE) as node:
         if type_name is None:
-            wait_for_graph(node, lambda: lookup_type(get_action_names_and_types(node), action), args.timeout)
-            type_name = lookup_type(get_action_names_and_types(node), action)
+            type_name = wait_for_type(node, get_action_names_and_types, action, args.timeout)
             if type_name is None:
                 print(f"action {action} not found on the ROS graph within {args.timeout:.0f} s; give its type "
                       "(e.g. m3_msgs/action/Train) as the second argument", file=sys.stderr)
