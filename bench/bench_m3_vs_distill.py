@@ -1,8 +1,10 @@
 """M3 vs feature distillation (F-3DGS / Feature Splatting style) on the demo scene, as the paper's Tables 1-2.
 
 Both are trained with the same TrainConfig (config/train.yaml, `holdout_every` 8: views 0, 8, 16, ... held out), the
-same features, views, iterations, RGB loss and sampled-pixel feature loss; they differ only in how a rendered 16-dim
-latent becomes a d-dim feature (M3: memory attention over the fixed PSC bank; baseline: a learned l → hidden → d MLP).
+same features, views, iterations, RGB loss and sampled-pixel feature loss; they differ only in how the rendered latent
+becomes a d-dim feature (M3: each model's 16-dim query slice, memory attention over its fixed PSC bank; baseline, the
+paper's F-3DGS protocol: one latent of M3's total query size, Σ l over the models, shared by all models, and a learned
+latent → hidden → d MLP per model reading all of it; `m3_memory.core.distill`).
 Both are then evaluated by `m3_memory.core.eval.evaluate` on the held-out views. Training seconds are the trainers' own
 loop times (`config.final.train_s`); the caller's wall time (with PSC and initialisation) is reported beside them.
 
@@ -116,7 +118,9 @@ def main() -> None:
         "",
         f"Scene {scene_dir} ({views['size'][0]}x{views['size'][1]}, {views['total']} views, "
         f"{len(views['evaluated'])} held out: every {config.holdout_every}th), {config.iterations} iterations each, "
-        f"l = {config.query_dim} per model; baseline decoder l → {args.decoder_hidden} → d. The baseline has "
+        f"M3: l = {config.query_dim} per model; baseline (paper's F-3DGS protocol): one shared latent of "
+        f"{config.query_dim * len(args.models)} (M3's total query size), decoder latent → {args.decoder_hidden} → d "
+        f"per model. The baseline has "
         f"{ratio:.2f}× M3's parameters ({budget} budget).",
         "",
     ] + table(reports) + [

@@ -14,6 +14,7 @@ VERB_MODULES = (
     "m3_memory.sim.cli",
     "m3_memory.cli.features",
     "m3_memory.cli.train",
+    "m3_memory.cli.update",
     "m3_memory.cli.query",
     "m3_memory.cli.view",
     "m3_memory.cli.export",

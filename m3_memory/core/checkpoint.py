@@ -29,7 +29,7 @@ from safetensors.torch import save as save_safetensors
 
 from m3_memory.core.atomic import write_atomic
 from m3_memory.core.errors import M3Error
-from m3_memory.core.gaussians import GaussianModel
+from m3_memory.core.gaussians import QUERY_LAYOUTS, GaussianModel
 from m3_memory.core.memory import Decoder, FeatureDecoder, MemoryAttention
 from m3_memory.core.views import Camera, RenderedView, TrainingViews, render_memory
 
@@ -59,6 +59,9 @@ class Memory:
     config: dict = field(default_factory=dict)
     iteration: int = 0
     views: TrainingViews | None = None   # the training cameras
+    # provenance, one entry per scan that built it (`trainer.scan_source`: source, views, frame_ids, timestamps_ns,
+    # added_utc); files written before it existed load with []
+    sources: list[dict] = field(default_factory=list)
 
     def render(self, camera: Camera, models: Sequence[str] = ()) -> RenderedView:
         """Colour, alpha, depth and, per model of `models`, decoded features from `camera` (`views.render_memory`)."""
@@ -84,13 +87,13 @@ def _decoder_entry(decoder: MemoryAttention | FeatureDecoder) -> dict:
     if isinstance(decoder, FeatureDecoder):
         return {"kind": "mlp", "dims": list(decoder.dims), "state": state}
     return {"kind": "attention", "state": state, "temperature": decoder.temperature,
-            "learnable_wm": isinstance(decoder.wm, torch.nn.Parameter)}
+            "learnable_wm": isinstance(decoder.wm, torch.nn.Parameter), "top_k": decoder.top_k}
 
 
 def _load_decoder(entry: dict) -> MemoryAttention | FeatureDecoder:
     if entry["kind"] == "attention":
         return MemoryAttention.from_state_dict(entry["state"], temperature=entry["temperature"],
-                                               learnable_wm=entry["learnable_wm"])
+                                               learnable_wm=entry["learnable_wm"], top_k=entry.get("top_k", 0))
     latent, hidden, feature = entry["dims"]
     decoder = FeatureDecoder(latent, feature, hidden)
     decoder.load_state_dict(entry["state"])
@@ -225,8 +228,13 @@ def _check(payload, path: Path) -> None:
     if not (isinstance(sh_degree, int) and 0 <= sh_degree <= 3):
         problems.append(f"sh_degree must be 0..3, got {sh_degree!r}")
         sh_degree = None
+    layout = payload.get("query_layout", "split")   # files written before the shared layout are split
+    if layout not in QUERY_LAYOUTS:
+        problems.append(f"query_layout must be one of {QUERY_LAYOUTS}, got {layout!r}")
     problems += _gaussian_problems(payload["gaussians"], query_dims, sh_degree)
-    problems += _decoder_problems(payload["attentions"], payload["identities"], query_dims)
+    # what each decoder reads: its slice, or the whole latent when shared
+    widths = ({name: sum(query_dims.values()) for name in query_dims} if layout == "shared" else query_dims)
+    problems += _decoder_problems(payload["attentions"], payload["identities"], widths)
     problems += _view_problems(payload["views"])
     if not isinstance(payload["world_frame"], str) or not payload["world_frame"]:
         problems.append(f"world_frame must be a frame name, got {payload['world_frame']!r}")
@@ -234,6 +242,10 @@ def _check(payload, path: Path) -> None:
         problems.append(f"config must be a mapping, got {type(payload['config']).__name__}")
     if not (isinstance(payload["iteration"], int) and payload["iteration"] >= 0):
         problems.append(f"iteration must be a count, got {payload['iteration']!r}")
+    sources = payload.get("sources", [])
+    if not (isinstance(sources, list) and all(isinstance(s, dict) and isinstance(s.get("source"), str)
+                                              and isinstance(s.get("views"), list) for s in sources)):
+        problems.append("sources must be a list of scans, each with a source name and its views")
     state = payload.get("training_state")
     if state is not None and not isinstance(state, dict):
         problems.append(f"training_state must be a mapping, got {type(state).__name__}")
@@ -290,6 +302,9 @@ def _decoder_problems(attentions, identities, query_dims: dict) -> list[str]:
                 problems.append(f"decoder {name!r} temperature must be positive, got {temperature!r}")
             if not isinstance(entry.get("learnable_wm"), bool):
                 problems.append(f"decoder {name!r} has no learnable_wm flag")
+            top_k = entry.get("top_k", 0)
+            if not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 0):
+                problems.append(f"decoder {name!r} top_k must be 0 (dense) or a row count, got {top_k!r}")
         elif kind == "mlp":
             dims = entry.get("dims")
             if not (isinstance(dims, (list, tuple)) and len(dims) == 3
@@ -335,6 +350,7 @@ def _payload(memory: Memory, training_state: dict | None) -> dict:
     return {
         "gaussians": {name: p.detach().cpu() for name, p in memory.gaussians.params.items()},
         "query_dims": dict(memory.gaussians.query_dims),
+        "query_layout": memory.gaussians.query_layout,
         "sh_degree": memory.gaussians.sh_degree,
         "attentions": {name: _decoder_entry(a) for name, a in memory.attentions.items()},
         "identities": memory.identities,
@@ -342,6 +358,7 @@ def _payload(memory: Memory, training_state: dict | None) -> dict:
         "config": memory.config,
         "iteration": memory.iteration,
         "views": _views_payload(memory.views),
+        "sources": memory.sources,
         "training_state": training_state,
     }
 
@@ -411,10 +428,11 @@ def load_memory(path: str | Path, device: str | torch.device = "cpu",
     try:
         payload = _read(path.read_bytes(), path, device, trusted)
         _check(payload, path)
-        gaussians = GaussianModel(payload["gaussians"], payload["query_dims"], payload["sh_degree"]).to(device)
+        gaussians = GaussianModel(payload["gaussians"], payload["query_dims"], payload["sh_degree"],
+                                  payload.get("query_layout", "split")).to(device)
         attentions = {name: _load_decoder(entry).to(device) for name, entry in payload["attentions"].items()}
         memory = Memory(gaussians, attentions, payload["identities"], payload["world_frame"], payload["config"],
-                        payload["iteration"], _views_from_payload(payload["views"]))
+                        payload["iteration"], _views_from_payload(payload["views"]), payload.get("sources", []))
         return memory, _to_device(payload.get("training_state"), device)
     except CheckpointError:
         raise

@@ -71,16 +71,26 @@ def reset_opacities(params: nn.ParameterDict, optimizer: torch.optim.Adam, ceili
             value.zero_()
 
 
+# "split": each model reads its own slice of the queries (M3); "shared": every model reads the whole latent of
+# Σ query_dims (the distillation baseline, F-3DGS's protocol: one latent, one decoder per model).
+QUERY_LAYOUTS = ("split", "shared")
+
+
 class GaussianModel(nn.Module):
     """3D Gaussians with per-model principal queries.
 
-    `query_dims`: model name → query slice width (16 per model in the paper's headline setting), in slice order.
+    `query_dims`: model name → query slice width (16 per model in the paper's headline setting), in slice order;
+    `query_layout`: one of QUERY_LAYOUTS (queries are Σ query_dims wide in both).
     """
 
-    def __init__(self, params: dict[str, Tensor], query_dims: dict[str, int], sh_degree: int):
+    def __init__(self, params: dict[str, Tensor], query_dims: dict[str, int], sh_degree: int,
+                 query_layout: str = "split"):
         super().__init__()
+        if query_layout not in QUERY_LAYOUTS:
+            raise ValueError(f"query_layout must be one of {QUERY_LAYOUTS}, got {query_layout!r}")
         self.params = nn.ParameterDict({name: nn.Parameter(value) for name, value in params.items()})
         self.query_dims = dict(query_dims)
+        self.query_layout = query_layout
         self.sh_degree = sh_degree
         total = sum(self.query_dims.values())
         if self.params["queries"].shape[1] != total:
@@ -88,7 +98,7 @@ class GaussianModel(nn.Module):
 
     @classmethod
     def from_points(cls, xyz: np.ndarray, rgb: np.ndarray, query_dims: dict[str, int], config: GaussianConfig,
-                    seed: int = 0) -> "GaussianModel":
+                    seed: int = 0, query_layout: str = "split") -> "GaussianModel":
         """Initialise one Gaussian per point: `xyz: [P, 3]`, `rgb: [P, 3]` in [0, 1]."""
         xyz = np.asarray(xyz, dtype=np.float64)
         if xyz.ndim != 2 or xyz.shape[1] != 3 or len(xyz) < 2:
@@ -110,7 +120,7 @@ class GaussianModel(nn.Module):
             "shN": torch.zeros(n, n_coeffs - 1, 3),
             "queries": torch.randn(n, sum(query_dims.values()), generator=generator) * config.query_init_std,
         }
-        return cls(params, query_dims, config.sh_degree)
+        return cls(params, query_dims, config.sh_degree, query_layout)
 
     def __len__(self) -> int:
         return self.params["means"].shape[0]
@@ -141,12 +151,20 @@ class GaussianModel(nn.Module):
         return self.params["queries"].detach()[:, self.query_slice(model)]
 
     def query_slice(self, model: str) -> slice:
+        """The columns of the queries that `model`'s decoder reads: its own slice, or all of them when shared."""
         start = 0
         for name, dim in self.query_dims.items():
             if name == model:
+                if self.query_layout == "shared":
+                    return slice(0, sum(self.query_dims.values()))
                 return slice(start, start + dim)
             start += dim
         raise KeyError(f"no query slice for model {model!r}; this memory holds {list(self.query_dims)}")
+
+    def query_width(self, model: str) -> int:
+        """Query dims `model`'s decoder reads (its slice's width)."""
+        cols = self.query_slice(model)
+        return cols.stop - cols.start
 
     def colors(self, camtoworlds: Tensor, sh_degree: int | None = None) -> Tensor:
         """View-dependent RGB `[B, N, 3]` for cameras `camtoworlds: [B, 4, 4]` (or `[N, 3]` when degree 0)."""

@@ -11,6 +11,7 @@ import time
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 
 from m3_memory.core.checkpoint import Memory, load_memory, save_memory
 from m3_memory.core.errors import M3Error
-from m3_memory.core.gaussians import GaussianConfig, GaussianModel, reset_opacities
+from m3_memory.core.gaussians import QUERY_LAYOUTS, GaussianConfig, GaussianModel, reset_opacities
 from m3_memory.core.losses import feature_loss, psnr, rgb_loss
 from m3_memory.core.memory import MemoryAttention, PSCConfig, principal_scene_components
 from m3_memory.core.scene import INIT_METHODS, Scene, initial_points
@@ -65,8 +66,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"                    # auto = cuda when available
     query_dim: int = 16                     # principal-query dims per model
+    query_layout: str = "split"             # "split": a query_dim slice per model; "shared": all read Σ query_dim
     temperature: float = 0.05
     learnable_wm: bool = False
+    top_k: int = 0                          # memory attention over each query's k best bank rows; 0 = dense softmax
     ssim_weight: float = 0.2
     feature_weight: float = 0.5
     feature_samples: int = 2000             # pixels per view per model in the feature loss
@@ -97,13 +100,15 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least {minimum}, got {getattr(self, name)}")
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
+        if self.query_layout not in QUERY_LAYOUTS:
+            raise ConfigError(f"query_layout must be one of {QUERY_LAYOUTS}, got {self.query_layout!r}")
         if self.init not in INIT_METHODS:
             raise ConfigError(f"init must be one of {INIT_METHODS}, got {self.init!r}")
         resolve_device(self.device)
 
 
 # Smallest value of each count setting that a training can run with.
-MINIMUMS = {"iterations": 1, "query_dim": 1, "feature_samples": 1, "psc_pixel_stride": 1, "init_stride": 1,
+MINIMUMS = {"iterations": 1, "query_dim": 1, "top_k": 0, "feature_samples": 1, "psc_pixel_stride": 1, "init_stride": 1,
             "init_max_points": 2, "holdout_every": 0, "log_every": 1}
 
 
@@ -183,6 +188,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def scan_source(scene: Scene, views: Sequence[int], source: str | None = None) -> dict:
+    """Provenance of one scan in a memory (`Memory.sources`): `source` (default: the scene directory), the scene
+    view indices trained on, their frame ids and stamps, and when (UTC) they joined the memory."""
+    views = [int(v) for v in views]
+    return {"source": str(scene.root) if source is None else source, "views": views,
+            "frame_ids": [scene.frames[v].frame_id for v in views],
+            "timestamps_ns": [int(scene.frames[v].timestamp_ns) for v in views],
+            "added_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
 def training_views(n_views: int, holdout_every: int) -> np.ndarray:
     """Indices of the views trained on: all, or all but 0, k, 2k, ... when `holdout_every` = k > 0."""
     views = np.arange(n_views)
@@ -220,12 +235,15 @@ def psc_input(name: str, features: ViewFeatures, config: TrainConfig, views=None
     return rows, config.psc.get(name) or PSCConfig(threshold=model_psc_threshold(name, features))
 
 
-def build_attention(name: str, features: ViewFeatures, config: TrainConfig, device, views=None) -> MemoryAttention:
-    """Algorithm 1 over this model's `psc_input` → its memory attention."""
-    rows, psc_config = psc_input(name, features, config, views)
-    result = principal_scene_components(torch.from_numpy(rows), psc_config, device=device)
-    attention = MemoryAttention(config.query_dim, result.components, temperature=config.temperature,
-                                learnable_wm=config.learnable_wm, seed=config.seed).to(device)
+def build_attention(name: str, features: ViewFeatures, config: TrainConfig, device, views=None,
+                    width: int | None = None, components: torch.Tensor | None = None) -> MemoryAttention:
+    """Algorithm 1 over this model's `psc_input` (or the given bank `components: [t, d]`) → its memory attention,
+    reading `width` query dims (default `config.query_dim`, the model's slice)."""
+    if components is None:
+        rows, psc_config = psc_input(name, features, config, views)
+        components = principal_scene_components(torch.from_numpy(rows), psc_config, device=device).components
+    attention = MemoryAttention(width or config.query_dim, components, temperature=config.temperature,
+                                learnable_wm=config.learnable_wm, seed=config.seed, top_k=config.top_k).to(device)
     return attention
 
 
@@ -248,6 +266,121 @@ def sample_features(features: ViewFeatures, view: int, us: np.ndarray, vs: np.nd
     return torch.from_numpy(np.asarray(fmap[fy, fx], dtype=np.float32))
 
 
+@dataclass
+class ViewSet:
+    """One scan's posed images on the training device with their features, as the training loop samples them:
+    `images: [n, H, W, 3]` float in [0, 1], `c2w: [n, 4, 4]`, `Ks: [n, 3, 3]`, `features[model].maps[i]` of view i;
+    `masks: [n, H, W]` bool, True where a pixel is still true of the place (None: all are; an update marks an old
+    scan's pixels of what has changed since, `online.stale_pixels`)."""
+    images: torch.Tensor
+    c2w: torch.Tensor
+    Ks: torch.Tensor
+    features: dict[str, ViewFeatures]
+    masks: torch.Tensor | None = None
+
+    @classmethod
+    def from_scene(cls, scene: Scene, features: dict[str, ViewFeatures], device) -> "ViewSet":
+        return cls(torch.from_numpy(scene.images()).to(device).float() / 255.0,
+                   torch.from_numpy(scene.c2w).float().to(device), torch.from_numpy(scene.Ks).float().to(device),
+                   features)
+
+
+class TrainingLoop:
+    """The optimisation that batch `train` and `online.update` share: Adam per Gaussian parameter (3DGS rates, means
+    × scene `scale`) and one for learnable decoder weights, gsplat's DefaultStrategy on `densify`'s schedule (counted
+    in the step numbers `run` is given) and our opacity reset. `state` (a saved `training_state`) restores the
+    optimisers' moments and learning rates and the strategy's running statistics; the parameters it refers to must
+    be `model`'s as they were saved."""
+
+    def __init__(self, model: GaussianModel, decoders: dict[str, torch.nn.Module], config: TrainConfig, scale: float,
+                 densify: DensifyConfig, state: dict | None = None):
+        from gsplat.strategy import DefaultStrategy
+
+        self.model, self.decoders, self.config, self.densify = model, decoders, config, densify
+        self.optimizers, self.extra_optimizers = _optimizers(model, decoders, config, scale)
+        d = densify
+        self.strategy = DefaultStrategy(prune_opa=d.prune_opa, grow_grad2d=d.grow_grad2d,
+                                        refine_start_iter=d.refine_start_iter, refine_stop_iter=d.refine_stop_iter,
+                                        reset_every=d.reset_every, refine_every=d.refine_every)
+        self.strategy.check_sanity(model.params, self.optimizers)
+        self.strategy_state = self.strategy.initialize_state(scene_scale=scale)
+        if state is not None:
+            for name, opt_state in state["optimizers"].items():
+                self.optimizers[name].load_state_dict(opt_state)
+            for opt, opt_state in zip(self.extra_optimizers, state["extra_optimizers"]):
+                opt.load_state_dict(opt_state)
+            self.strategy_state.update(state["strategy"])
+
+    def run(self, steps: range, sample: Callable[[], tuple[ViewSet, int]], rng: np.random.Generator,
+            means_decay: float = 1.0, callback: Callable[[Progress], None] | None = None,
+            should_cancel: Callable[[], bool] | None = None) -> dict:
+        """One iteration per step of `steps` on the view `sample()` picks (a ViewSet and a view index into it): render,
+        RGB + feature loss on the view's trusted pixels (`ViewSet.masks`; the sampler must not pick a view without
+        any), Adam, densification; the means' learning rate is multiplied by `means_decay` each step.
+        `callback` gets a Progress every `log_every` steps and at the last (iteration counted to `steps.stop`).
+        Returns the last step's losses `{"loss", "rgb", "feat"}`."""
+        config, d, device = self.config, self.densify, self.model.params["means"].device
+        model, attentions, optimizers = self.model, self.decoders, self.optimizers
+        begin, last = time.monotonic(), {}
+        for step in steps:
+            if should_cancel is not None and should_cancel():
+                raise TrainingCancelled(f"training cancelled at iteration {step}")
+            views, view = sample()
+            height, width = views.images.shape[1:3]
+            out = model.render(views.c2w[view:view + 1], views.Ks[view:view + 1], width, height)
+            target = views.images[view:view + 1]
+            if views.masks is not None:
+                # Untrusted pixels get the render itself (detached) as their target: L1 and D-SSIM are at their
+                # minimum there, so no gradient pulls towards what the stale image shows, and the SSIM windows keep
+                # their shape (zeroing the pixels instead would teach black).
+                target = torch.where(views.masks[view:view + 1, ..., None], target, out["rgb"].detach())
+            loss_rgb = rgb_loss(out["rgb"], target, config.ssim_weight)
+            loss_feat = torch.zeros((), device=device)
+            if views.features:
+                if views.masks is None:
+                    us = rng.integers(0, width, config.feature_samples)
+                    vs = rng.integers(0, height, config.feature_samples)
+                else:   # uniform among the trusted pixels, with replacement as above (the sampler skips views without)
+                    trusted = np.flatnonzero(views.masks[view].cpu().numpy())
+                    vs, us = np.divmod(trusted[rng.integers(0, len(trusted), config.feature_samples)], width)
+                rendered = out["queries"][0, torch.from_numpy(vs).to(device), torch.from_numpy(us).to(device)]
+                for name, feats in views.features.items():
+                    decoded = attentions[name](rendered[:, model.query_slice(name)])
+                    raw = sample_features(feats, view, us, vs, width, height).to(device)
+                    loss_feat = loss_feat + feature_loss(decoded, raw)
+            loss = loss_rgb + config.feature_weight * loss_feat
+            self.strategy.step_pre_backward(model.params, optimizers, self.strategy_state, step, out["meta"])
+            loss.backward()
+            for opt in [*optimizers.values(), *self.extra_optimizers]:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            for group in optimizers["means"].param_groups:
+                group["lr"] *= means_decay
+            self.strategy.step_post_backward(model.params, optimizers, self.strategy_state, step, out["meta"],
+                                             packed=False)
+            if d.reset_opacity and 0 < step < d.refine_stop_iter and step % d.reset_every == 0:
+                reset_opacities(model.params, optimizers["opacities"], 2 * d.prune_opa)
+            last = {"loss": loss.item(), "rgb": loss_rgb.item(), "feat": loss_feat.item()}
+            done = step + 1
+            if callback is not None and (done % config.log_every == 0 or done == steps.stop):
+                elapsed = time.monotonic() - begin
+                rate = elapsed / (done - steps.start)
+                callback(Progress(done, steps.stop, last["loss"], last["rgb"], last["feat"], len(model),
+                                  elapsed, rate * (steps.stop - done)))
+        return last
+
+    def training_state(self, rng: np.random.Generator, order: Sequence[int] = ()) -> dict:
+        """What a checkpoint keeps to continue this optimisation: optimiser and strategy states, `rng`, the views
+        left in the current pass `order`."""
+        return {
+            "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+            "extra_optimizers": [opt.state_dict() for opt in self.extra_optimizers],
+            "strategy": {k: v for k, v in self.strategy_state.items() if k != "scene_scale"},
+            "rng": rng.bit_generator.state,
+            "order": list(order),
+        }
+
+
 def train(scene: Scene, features: dict[str, ViewFeatures], config: TrainConfig, output: str | Path,
           callback: Callable[[Progress], None] | None = None, should_cancel: Callable[[], bool] | None = None,
           resume: str | Path | None = None, decoders: DecoderBuilder | None = None,
@@ -257,9 +390,8 @@ def train(scene: Scene, features: dict[str, ViewFeatures], config: TrainConfig, 
     `decoders(features, training view indices)` builds each model's decoder (`[P, l] → [P, d]`; moved to the training
     device here, its trainable parameters learned at `config.lr.wm`); default: M3's memory attention, `build_attention`.
     `record` is stored in the checkpoint's config beside the settings (what the memory is, e.g. a baseline's method).
+    The memory's `sources` record `scene` and the views trained on (`scan_source`); `online.update` appends to them.
     """
-    from gsplat.strategy import DefaultStrategy
-
     if len(scene) == 0:
         raise M3Error("the scene has no frames: record or load one with posed images")
     for name, feats in features.items():
@@ -269,10 +401,8 @@ def train(scene: Scene, features: dict[str, ViewFeatures], config: TrainConfig, 
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     device = resolve_device(config.device)
-    images = torch.from_numpy(scene.images()).to(device).float() / 255.0          # [n, H, W, 3]
-    n_views, height, width = images.shape[:3]
-    Ks = torch.from_numpy(scene.Ks).float().to(device)                             # [n, 3, 3]
-    c2w = torch.from_numpy(scene.c2w).float().to(device)                           # [n, 4, 4]
+    viewset = ViewSet.from_scene(scene, features, device)
+    n_views, height, width = viewset.images.shape[:3]
     scale = scene_scale(scene.c2w)
     train_views = training_views(n_views, config.holdout_every)
 
@@ -287,78 +417,35 @@ def train(scene: Scene, features: dict[str, ViewFeatures], config: TrainConfig, 
         xyz, rgb = initial_points(scene, config.init, stride=config.init_stride,
                                   max_points=config.init_max_points, seed=config.seed, views=train_views)
         model = GaussianModel.from_points(xyz, rgb, {name: config.query_dim for name in features}, config.gaussians,
-                                          seed=config.seed).to(device)
+                                          seed=config.seed, query_layout=config.query_layout).to(device)
         if decoders is None:
-            attentions = {name: build_attention(name, feats, config, device, train_views)
+            attentions = {name: build_attention(name, feats, config, device, train_views, model.query_width(name))
                           for name, feats in features.items()}
         else:
             attentions = {name: decoder.to(device) for name, decoder in decoders(features, train_views).items()}
         state, start = None, 0
-    optimizers, extra_optimizers = _optimizers(model, attentions, config, scale)
-    d = config.densify
-    strategy = DefaultStrategy(prune_opa=d.prune_opa, grow_grad2d=d.grow_grad2d, refine_start_iter=d.refine_start_iter,
-                               refine_stop_iter=d.refine_stop_iter, reset_every=d.reset_every,
-                               refine_every=d.refine_every)
-    strategy.check_sanity(model.params, optimizers)
-    strategy_state = strategy.initialize_state(scene_scale=scale)
+    loop = TrainingLoop(model, attentions, config, scale, config.densify, state)
     if state is not None:
-        for name, opt_state in state["optimizers"].items():
-            optimizers[name].load_state_dict(opt_state)
-        for opt, opt_state in zip(extra_optimizers, state["extra_optimizers"]):
-            opt.load_state_dict(opt_state)
-        strategy_state.update(state["strategy"])
         rng.bit_generator.state = state["rng"]
-    decay = config.lr.means_final ** (1.0 / max(config.iterations, 1))
     order: list[int] = list(state["order"]) if state is not None else []
-    begin, last = time.monotonic(), {}
-    for step in range(start, config.iterations):
-        if should_cancel is not None and should_cancel():
-            raise TrainingCancelled(f"training cancelled at iteration {step}")
+
+    def sample() -> tuple[ViewSet, int]:
         if not order:
-            order = rng.permutation(train_views).tolist()
-        view = order.pop()
-        out = model.render(c2w[view:view + 1], Ks[view:view + 1], width, height)
-        loss_rgb = rgb_loss(out["rgb"], images[view:view + 1], config.ssim_weight)
-        loss_feat = torch.zeros((), device=device)
-        if features:
-            us = rng.integers(0, width, config.feature_samples)
-            vs = rng.integers(0, height, config.feature_samples)
-            rendered = out["queries"][0, torch.from_numpy(vs).to(device), torch.from_numpy(us).to(device)]
-            for name, feats in features.items():
-                decoded = attentions[name](rendered[:, model.query_slice(name)])
-                raw = sample_features(feats, view, us, vs, width, height).to(device)
-                loss_feat = loss_feat + feature_loss(decoded, raw)
-        loss = loss_rgb + config.feature_weight * loss_feat
-        strategy.step_pre_backward(model.params, optimizers, strategy_state, step, out["meta"])
-        loss.backward()
-        for opt in [*optimizers.values(), *extra_optimizers]:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        for group in optimizers["means"].param_groups:
-            group["lr"] *= decay
-        strategy.step_post_backward(model.params, optimizers, strategy_state, step, out["meta"], packed=False)
-        if d.reset_opacity and 0 < step < d.refine_stop_iter and step % d.reset_every == 0:
-            reset_opacities(model.params, optimizers["opacities"], 2 * d.prune_opa)
-        last = {"loss": loss.item(), "rgb": loss_rgb.item(), "feat": loss_feat.item()}
-        done = step + 1
-        if callback is not None and (done % config.log_every == 0 or done == config.iterations):
-            elapsed = time.monotonic() - begin
-            rate = elapsed / (done - start)
-            callback(Progress(done, config.iterations, last["loss"], last["rgb"], last["feat"], len(model),
-                              elapsed, rate * (config.iterations - done)))
+            order.extend(rng.permutation(train_views).tolist())
+        return viewset, order.pop()
+
+    begin = time.monotonic()
+    last = loop.run(range(start, config.iterations), sample, rng,
+                    means_decay=config.lr.means_final ** (1.0 / max(config.iterations, 1)), callback=callback,
+                    should_cancel=should_cancel)
     views = TrainingViews(scene.c2w[train_views], scene.Ks[train_views], width, height)
     memory = Memory(model, attentions, {name: f.identity for name, f in features.items()}, scene.world_frame,
-                    {**asdict(config), **(record or {})}, config.iterations, views)
+                    {**asdict(config), **(record or {})}, config.iterations, views,
+                    memory.sources if resume is not None else [scan_source(scene, train_views)])
     memory.config["final"] = {**last, "train_s": time.monotonic() - begin,
-                              "psnr": training_psnr(model, c2w[train_views], Ks[train_views], images[train_views])}
-    training_state = {
-        "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
-        "extra_optimizers": [opt.state_dict() for opt in extra_optimizers],
-        "strategy": {k: v for k, v in strategy_state.items() if k != "scene_scale"},
-        "rng": rng.bit_generator.state,
-        "order": order,
-    }
-    save_memory(output, memory, training_state)
+                              "psnr": training_psnr(model, viewset.c2w[train_views], viewset.Ks[train_views],
+                                                    viewset.images[train_views])}
+    save_memory(output, memory, loop.training_state(rng, order))
     return memory
 
 

@@ -3,7 +3,8 @@
 Output layout (the scene directory is the root, so `Scene.load(demo_scene())` works directly)::
 
     scene.json, frames.jsonl, rgb/, depth/   keyframes in the core scene format (ground-truth camera poses)
-    objects.json                            per object: name, phrases, centre, axis-aligned box, mask index
+    objects.json                            per object: name, phrases, centre, axis-aligned box, mask index;
+                                            "moves": the objects displaced for this scan (`generate`)
     masks/<frame_id>.png                    uint8 per-pixel object index of each keyframe (0 = background)
     camera_trajectory.json                  ground-truth camera pose of every frame in the bag
     bag/                                    rosbag2 (MCAP): camera, /tf, /tf_static, /odom
@@ -93,21 +94,40 @@ def intrinsics(config: SimConfig) -> np.ndarray:
     return np.array([[focal, 0.0, config.width / 2 - 0.5], [0.0, focal, config.height / 2 - 0.5], [0.0, 0.0, 1.0]])
 
 
-def _place_objects(world: TabletopWorld, names: tuple[str, ...], rng: np.random.Generator) -> None:
-    """Scatter objects over the table top without overlaps (rejection sampling on footprint circles)."""
+def _place_objects(world: TabletopWorld, names: tuple[str, ...], rng: np.random.Generator,
+                   moves: dict[str, tuple[float, float]]) -> None:
+    """Scatter objects over the table top without overlaps (rejection sampling on footprint circles), then shift the
+    objects named in `moves` by their `(dx, dy)` (metres, world frame): the layout is sampled first either way, so a
+    scan with moves is the same table as the one without, only those objects displaced (and their yaw kept)."""
     margin, clearance = 0.15, 0.04
-    placed: list[tuple[np.ndarray, float]] = []
+    placed: list[tuple[str, np.ndarray, float, float]] = []   # name, centre xy, footprint radius, yaw
     for name in names:
         spec = CATALOG[name]
         footprint = spec.size * 0.8  # generous radius: billboards are wider than tall
         for _ in range(1000):
             xy = rng.uniform(-1, 1, size=2) * (np.array(TABLE_HALF_XY) - margin)
-            if all(np.linalg.norm(xy - other) > footprint + radius + clearance for other, radius in placed):
+            if all(np.linalg.norm(xy - other) > footprint + radius + clearance for _, other, radius, _ in placed):
                 break
         else:
             raise RuntimeError(f"no room on the table for {name!r}; use fewer or smaller objects")
-        placed.append((xy, footprint))
-        world.add(spec, xy, yaw=float(rng.uniform(-np.pi, np.pi)))
+        placed.append((name, xy, footprint, float(rng.uniform(-np.pi, np.pi))))
+    unknown = sorted(set(moves) - set(names))
+    if unknown:
+        raise ValueError(f"cannot move {unknown}: this scene's objects are {list(names)}")
+    placed = [(name, xy + np.asarray(moves.get(name, (0.0, 0.0)), dtype=float), radius, yaw)
+              for name, xy, radius, yaw in placed]
+    for name in moves:
+        _, xy, radius, _ = next(p for p in placed if p[0] == name)
+        if np.any(np.abs(xy) > np.array(TABLE_HALF_XY) - radius / 2):
+            raise ValueError(f"moved {name!r} to ({xy[0]:.2f}, {xy[1]:.2f}): off the table (half size "
+                             f"{TABLE_HALF_XY} m); move it less far")
+        hit = [other for other, oxy, oradius, _ in placed if other != name and
+               np.linalg.norm(xy - oxy) <= radius + oradius + clearance]
+        if hit:
+            raise ValueError(f"moved {name!r} to ({xy[0]:.2f}, {xy[1]:.2f}): it would overlap {hit}; move it "
+                             "elsewhere")
+    for name, xy, _, yaw in placed:
+        world.add(CATALOG[name], xy, yaw=yaw)
 
 
 def _bbox_corners(obj: PlacedObject) -> np.ndarray:
@@ -136,15 +156,21 @@ def draw_preview(
     return image
 
 
-def generate(out: Path, config: SimConfig, seed: int = 0, progress: Callable[[str], None] = lambda _: None) -> dict:
-    """Write a complete scene into the new directory `out`; returns a summary (counts, seconds, bag bytes)."""
+def generate(out: Path, config: SimConfig, seed: int = 0, progress: Callable[[str], None] = lambda _: None,
+             moves: dict[str, tuple[float, float]] | None = None) -> dict:
+    """Write a complete scene into the new directory `out`; returns a summary (counts, seconds, bag bytes).
+
+    `moves`: object name → `(dx, dy)` metres on the table top (world frame): the same table, layout and camera walk as
+    without, those objects displaced, so two scans of one seed differ only by them (a change to detect). objects.json
+    carries every object's true place in this scan and the `moves` made."""
+    moves = dict(moves or {})
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     K = intrinsics(config)
     trajectory = make_trajectory(config.rig, config.timing, rng)
     world = TabletopWorld()
     try:
-        _place_objects(world, config.objects, rng)
+        _place_objects(world, config.objects, rng, moves)
         meta = SceneMeta(width=config.width, height=config.height, K=K, world_frame=WORLD)
         frames, keyframes, poses = [], [], []
         with SceneWriter(out, meta) as writer:
@@ -165,6 +191,8 @@ def generate(out: Path, config: SimConfig, seed: int = 0, progress: Callable[[st
             "mask_encoding": "masks/<frame_id>.png uint8: 0 background, k objects[k-1]",
             "objects": [obj.to_json() for obj in world.objects],
         }
+        if moves:
+            objects["moves"] = {name: [float(dx), float(dy), 0.0] for name, (dx, dy) in moves.items()}
         (out / "objects.json").write_text(json.dumps(objects, indent=2) + "\n")
         (out / "camera_trajectory.json").write_text(
             json.dumps(
@@ -199,17 +227,27 @@ def generate(out: Path, config: SimConfig, seed: int = 0, progress: Callable[[st
 
 
 def demo_scene(
-    size: str = "demo", seed: int = 0, out: str | Path | None = None, progress: Callable[[str], None] = lambda _: None
+    size: str = "demo",
+    seed: int = 0,
+    out: str | Path | None = None,
+    progress: Callable[[str], None] = lambda _: None,
+    moves: dict[str, tuple[float, float]] | None = None,
 ) -> Path:
     """Generate (or reuse from the cache) the tabletop scene and return its directory (layout: module docstring).
 
-    With `out=None` the scene is cached under `cache_dir()/demo_scene/<size>-seed<seed>-v<GENERATOR_VERSION>`.
+    With `out=None` the scene is cached under `cache_dir()/demo_scene/<size>-seed<seed>-v<GENERATOR_VERSION>`, with
+    `-moved-<name>_<dx>_<dy>...` appended for `moves` (see `generate`).
     Generation happens in a temporary sibling directory renamed into place at the end, so an interrupted run never
     leaves a partial scene at the final path. An explicit `out` must not exist yet (or be an empty directory).
     """
     if size not in SIZES:
         raise ValueError(f"unknown scene size {size!r}; choose one of {sorted(SIZES)}")
-    final = Path(out) if out is not None else cache_dir() / "demo_scene" / f"{size}-seed{seed}-v{GENERATOR_VERSION}"
+    moves = dict(moves or {})
+    name = f"{size}-seed{seed}-v{GENERATOR_VERSION}"
+    if moves:
+        name += "-moved-" + "-".join(f"{object_name.replace(' ', '_')}_{dx:+.3f}_{dy:+.3f}"
+                                     for object_name, (dx, dy) in sorted(moves.items()))
+    final = Path(out) if out is not None else cache_dir() / "demo_scene" / name
     if final.exists():
         if out is None:
             return final
@@ -219,7 +257,7 @@ def demo_scene(
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary data directory
     try:
-        generate(staging, SIZES[size], seed, progress)
+        generate(staging, SIZES[size], seed, progress, moves)
         try:
             os.replace(staging, final)
         except OSError:

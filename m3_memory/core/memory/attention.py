@@ -4,7 +4,8 @@
 
 Q [P, l] are rendered principal queries (this model's slice), Wm [l, d] projects them into the model's feature space, PSC
 [t, d] is the bank of principal scene components (raw rows), τ = 0.05. As in the authors' code Wm stays at its seeded random
-initialisation by default (a buffer); ``learnable_wm=True`` makes it a parameter for the ablation.
+initialisation by default (a buffer); ``learnable_wm=True`` makes it a parameter for the ablation. ``top_k = k > 0`` keeps
+only each query's k best-scoring rows in the softmax (a sparse attention, also an ablation); 0 is the dense softmax.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ class MemoryAttention(nn.Module):
     """Attention of queries over a fixed memory bank.
 
     query_dim: l; psc: [t, d] bank (stored as float32 buffer ``psc``); temperature: τ; learnable_wm: Wm as nn.Parameter
-    instead of a buffer; seed: seeds the random Wm [l, d] (N(0, 1/l)); chunk: pixels per step of ``decode_map``.
+    instead of a buffer; seed: seeds the random Wm [l, d] (N(0, 1/l)); chunk: pixels per step of ``decode_map``;
+    top_k: rows per query in the softmax (0, or t and more: all of them, the dense softmax).
     """
 
     def __init__(
@@ -31,8 +33,11 @@ class MemoryAttention(nn.Module):
         learnable_wm: bool = False,
         seed: int = 0,
         chunk: int = 16384,
+        top_k: int = 0,
     ):
         super().__init__()
+        if top_k < 0:
+            raise ValueError(f"top_k must be 0 (dense) or a positive row count, got {top_k}")
         psc = torch.as_tensor(psc).detach().float().clone()
         if psc.ndim != 2 or psc.shape[0] == 0:
             raise ValueError(f"psc must be a non-empty [t, d] bank, got shape {tuple(psc.shape)}")
@@ -45,6 +50,7 @@ class MemoryAttention(nn.Module):
         self.register_buffer("psc", psc)
         self.temperature = float(temperature)
         self.chunk = int(chunk)
+        self.top_k = int(top_k)
 
     @property
     def bank_size(self) -> int:
@@ -62,13 +68,17 @@ class MemoryAttention(nn.Module):
         """queries [P, l] -> decoded features [P, d]; materialises [P, t] scores (use decode_map for whole images).
 
         cos(q Wm, k) is computed without forming q Wm [P, d]: (q Wm)·k̂ = q (Wm k̂ᵀ) and ‖q Wm‖² = q (Wm Wmᵀ) qᵀ, so the
-        scores cost P·l·t instead of P·d·t.
+        scores cost P·l·t instead of P·d·t. With ``top_k`` the softmax runs over each query's k best rows only and the
+        decoded feature mixes those k rows ([P, k, d] gathered), so its gradient reaches only them.
         """
         keys = F.normalize(self.psc, dim=1)
         dots = queries @ (self.wm @ keys.T)  # [P, t]
         norms = ((queries @ (self.wm @ self.wm.T)) * queries).sum(1, keepdim=True).clamp_min(1e-24).sqrt()  # [P, 1]
-        weights = torch.softmax(dots / (norms * self.temperature), dim=1)
-        return weights @ self.psc
+        scores = dots / (norms * self.temperature)
+        if 0 < self.top_k < self.bank_size:
+            best, rows = scores.topk(self.top_k, dim=1)  # [P, k]
+            return torch.einsum("pk,pkd->pd", torch.softmax(best, dim=1), self.psc[rows])
+        return torch.softmax(scores, dim=1) @ self.psc
 
     def decode_map(self, query_map: torch.Tensor) -> torch.Tensor:
         """query_map [H, W, l] -> [H, W, d], ``chunk`` pixels at a time so that no [H·W, t] tensor exists.
