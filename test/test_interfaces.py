@@ -23,7 +23,7 @@ def test_train_action_parts():
     from m3_msgs.action import Train
 
     assert set(Train.Goal.get_fields_and_field_types()) == {"scene_dir", "output", "config_overrides", "robot",
-                                                            "scan_id"}
+                                                            "scan_id", "live", "base_memory"}
     assert {"iteration", "loss", "elapsed_seconds", "eta_seconds", "queue_position", "stage", "bytes_done",
             "bytes_total"} <= set(Train.Feedback.get_fields_and_field_types())
     assert {"success", "message", "checkpoint", "final_loss"} <= set(Train.Result.get_fields_and_field_types())

@@ -84,17 +84,23 @@ def test_a_chunk_that_always_fails_its_checksum_ends_the_pull(scan, tmp_path):
     assert not (tmp_path / "worker" / SCAN_ID / "aa_blob.bin").exists()
 
 
-def test_a_growing_scan_is_listed_without_its_index_until_complete(scan, tmp_path):
+def test_a_growing_scan_lists_its_complete_index_lines_and_pulls_them_after_the_images(scan, tmp_path):
+    index = scan / "frames.jsonl"
+    lines = index.read_bytes()
+    with open(index, "ab") as handle:   # the recorder is half-way through appending a line
+        handle.write(b'{"id": "000099", "rgb": ')
     incomplete = manifest_of(scan, complete=False)
-    assert not incomplete.complete and "frames.jsonl" not in [f.path for f in incomplete.files]
-    assert "frames.jsonl" in [f.path for f in manifest_of(scan).files]
+    listed = next(f for f in incomplete.files if f.path == "frames.jsonl")
+    assert not incomplete.complete and listed.size == len(lines)
+    assert listed.sha256 == hashlib.sha256(lines).hexdigest()
+    index.write_bytes(lines)
     answers = iter([incomplete, incomplete, manifest_of(scan)])
-    read_chunk, _ = reader(scan)
+    read_chunk, calls = reader(scan)
     target = tmp_path / "worker" / SCAN_ID
     stats = pull_item(lambda: next(answers), read_chunk, target, poll_seconds=0.01)
     assert stats.complete and digests(target) == digests(scan)
-    with pytest.raises(StorageError):
-        item_file(scan, "frames.jsonl", complete=False)
+    paths = [path for path, _ in calls]
+    assert paths.index("frames.jsonl") > max(i for i, path in enumerate(paths) if path.startswith(("rgb/", "depth/")))
     for bad in ("../x", ".hidden", "rgb/../../x", "", HELD_MARKER):
         with pytest.raises(StorageError):
             item_file(scan, bad)

@@ -43,6 +43,10 @@ ARGUMENTS = {
                                                 "recorder,memory_server and a GPU worker trainer"),
     "memory_source": ("", "the server fetches its robot's memories over ROS from this trainer (e.g. /m3/trainer, a "
                           "worker on another computer); empty = only memories on this computer's disk"),
+    "live": ("", "true: the trainer trains each scan the recorder starts while it records, and the server swaps in "
+                 "each memory it publishes; empty = trainer.yaml's (false)"),
+    "publish_every_s": ("", "live mode: at most this often (seconds) the trainer publishes the growing memory; empty "
+                            "= trainer.yaml's (10)"),
 }
 
 NODES = (
@@ -108,6 +112,10 @@ def overrides(values: dict) -> dict[str, dict]:
         trainer["storage_root"] = server["storage_root"] = given["storage_root"]
     if "memory_source" in given:
         server["memory_source"] = arg.topic("memory_source", given["memory_source"])
+    if "live" in given:
+        trainer["live"] = arg.flag("live", given["live"])
+    if "publish_every_s" in given:
+        trainer["publish_every_s"] = arg.number("publish_every_s", given["publish_every_s"], float, minimum=0)
     if "viewer_port" in given:
         server["viewer_port"] = arg.number("viewer_port", given["viewer_port"], int, minimum=0)
     return {"recorder": recorder, "trainer": trainer, "memory_server": server}

@@ -33,6 +33,8 @@ class Job:
     scene_dir: str = ""
     output: str = ""
     config_overrides: str = ""
+    live: bool = False               # refine while the scan records (m3_memory.ros.trainer's live mode)
+    base_memory: str = ""            # a memory to update with the scan instead of training from scratch
     state: str = "queued"            # queued | running
     accepted: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 

@@ -12,8 +12,11 @@ A manifest lists an item's files with sizes and sha256. A pull (`pull_item`) ask
 chunks of each file (through the two callables it is given: the ROS services in m3_memory.ros.transfer, or anything
 else), verifies every chunk's sha256 (a bad one is asked for again), appends it to `.<name>.part` beside the file,
 checks the whole file's sha256 and renames it into place. A pull interrupted on either side resumes from the `.part`
-files; memory stays bounded by one chunk. A scan still being recorded has an incomplete manifest (its index,
-`frames.jsonl`, is listed only once the scan ends): the pull takes what is listed and asks again until complete.
+files; memory stays bounded by one chunk. A scan still being recorded has an incomplete manifest: its index,
+`frames.jsonl`, is listed as the prefix of its complete lines (it only grows, so that prefix's size and sha256 stay
+true while more lines are appended), and a pull writes it after the images of each round, so the pulled scan, like the
+recorder's, never indexes a frame whose images are not there yet (a trainer may read it while the pull runs: live
+mode). The pull takes what is listed and asks again until complete.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ DEFAULT_ROBOT = "default"
 SCANS, MEMORIES = "scans", "memories"
 MEMORY_SUFFIX = ".pt"
 HELD_MARKER = ".m3_manifest.json"
-GROWING_FILES = ("frames.jsonl",)  # appended while a scan records: listed only once the scan is complete
+GROWING_FILES = ("frames.jsonl",)  # appended while a scan records: listed as its complete lines until the scan ends
 DEFAULT_CHUNK_BYTES = 1 << 20
 _ROBOT = re.compile(r"^[A-Za-z0-9_]+$")
 _ITEM_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
@@ -106,22 +109,20 @@ class Manifest:
         return cls(data["id"], bool(data["complete"]), [FileEntry(**entry) for entry in data["files"]])
 
 
-def servable(relative: str, complete: bool = True) -> bool:
+def servable(relative: str) -> bool:
     """Whether a relative path may be listed and served: no hidden or temporary component (`.part`, `.tmp`, the
-    held marker), no `..`, and not a growing file of an incomplete scan."""
+    held marker), no `..`."""
     parts = relative.split("/")
-    if not relative or any(not part or part in (".", "..") or part.startswith(".") for part in parts):
-        return False
-    return complete or relative not in GROWING_FILES
+    return bool(relative) and not any(not part or part in (".", "..") or part.startswith(".") for part in parts)
 
 
-def item_file(item: Path, relative: str, complete: bool = True) -> Path:
+def item_file(item: Path, relative: str) -> Path:
     """The regular file `relative` names inside `item` (a scan directory, or a memory file itself), or StorageError."""
     if item.is_file():
         if relative != item.name:
             raise StorageError(f"{relative!r} is not part of {item.name}")
         return item
-    if not servable(relative, complete):
+    if not servable(relative):
         raise StorageError(f"{relative!r} is not a file that is served")
     path = item / relative
     if path.is_symlink() or not path.is_file():
@@ -129,8 +130,16 @@ def item_file(item: Path, relative: str, complete: bool = True) -> Path:
     return path
 
 
+def line_prefix(path: Path) -> tuple[int, str]:
+    """(size, sha256) of the prefix of `path`'s complete (newline-terminated) lines: a file still being appended to."""
+    data = path.read_bytes()
+    data = data[:data.rfind(b"\n") + 1]
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
 def manifest_of(item: Path, complete: bool = True) -> Manifest:
-    """The manifest of a scan directory or a memory file. Symlinks and hidden files are never listed."""
+    """The manifest of a scan directory or a memory file; an incomplete scan's growing files are listed as their
+    complete lines (`line_prefix`). Symlinks and hidden files are never listed."""
     if item.is_file():
         return Manifest(item.stem, True, [FileEntry(item.name, item.stat().st_size, file_sha256(item))])
     if not item.is_dir():
@@ -141,7 +150,11 @@ def manifest_of(item: Path, complete: bool = True) -> Manifest:
         for name in sorted(names):
             path = Path(folder) / name
             relative = path.relative_to(item).as_posix()
-            if servable(relative, complete) and not path.is_symlink() and path.is_file():
+            if not servable(relative) or path.is_symlink() or not path.is_file():
+                continue
+            if not complete and relative in GROWING_FILES:
+                files.append(FileEntry(relative, *line_prefix(path)))
+            else:
                 files.append(FileEntry(relative, path.stat().st_size, file_sha256(path)))
     return Manifest(item.name, complete, files)
 
@@ -313,7 +326,8 @@ def pull_item(get_manifest: Callable[[], Manifest], read_chunk: ReadChunk, targe
         if first:   # what the disk holds already (an earlier, interrupted pull) counts as done
             stats.bytes_held = stats.bytes_done = held_bytes(manifest, target, is_file_item)
             first = False
-        for entry in manifest.files:
+        # the growing index last: every frame it lists has its images on this disk by then
+        for entry in sorted(manifest.files, key=lambda e: e.path in GROWING_FILES):
             if entry in received:
                 continue
             if not is_file_item and not servable(entry.path):

@@ -15,6 +15,10 @@ Names: every topic and service is relative (`m3/...`, `camera_info_topic` defaul
 node's namespace moves them all; only `/tf` and `/tf_static` are absolute, as tf2's are. CameraInfo is read best-effort
 (sensor-data QoS), which reliable and best-effort camera drivers both deliver to.
 
+The status (`m3/memory_status`, latched) names the memory served, its Gaussians, banks, views and the scans that
+built it (the memory's provenance), so a client can tell when a memory holding a given keyframe is served (live mode:
+the trainer announces a new one every `publish_every_s`).
+
 Answers are in the request's `frame_id`, else the `world_frame` parameter, else the memory's own frame. The answer is
 also published for the arm (`m3/grasp_target`, PoseStamped), for people (`m3/heatmap`, Image; `m3/markers`,
 MarkerArray) and as the matching Gaussians (`m3/matches`, PointCloud2); the memory itself is published latched as
@@ -70,6 +74,11 @@ class LoadedMemory:
         self.path = path
         self.memory, _ = load_memory(path)
         self.engine = QueryEngine(self.memory, model or None)
+
+
+def scan_sources(memory) -> list[str]:
+    """The scans that built `memory` (its provenance), each once, oldest first (a live scan adds an entry per update)."""
+    return list(dict.fromkeys(entry["source"] for entry in memory.sources))
 
 
 def view_matrix(pose) -> np.ndarray:
@@ -182,8 +191,9 @@ class MemoryServer(Node):
             self.publish_status(f"cannot load {path}: {problem}")
             return
         memory = loaded.memory
-        self.get_logger().info(f"memory {path} loaded: {len(memory.gaussians)} Gaussians, models {memory.models}, "
-                               f"querying {loaded.engine.model!r}")
+        self.get_logger().info(f"memory {path} loaded: {len(memory.gaussians)} Gaussians, {len(memory.views.c2w)} "
+                               f"views of {len(scan_sources(memory)) or 'unrecorded'} scan(s), models "
+                               f"{memory.models}, querying {loaded.engine.model!r}")
         self.publish_status(f"loaded {path}")
         cloud = memory_points(memory, self.cloud_decimation)
         header = Header(stamp=self.get_clock().now().to_msg(), frame_id=memory.world_frame)
@@ -214,6 +224,7 @@ class MemoryServer(Node):
             status.world_frame = self.world_frame or loaded.memory.world_frame
             status.checkpoint, status.models = loaded.path, list(banks)
             status.bank_sizes, status.num_gaussians = list(banks.values()), len(loaded.memory.gaussians)
+            status.num_views, status.sources = len(loaded.memory.views.c2w), scan_sources(loaded.memory)
         self.status_pub.publish(status)
 
     # --- locate -------------------------------------------------------------------------------------------------

@@ -6,7 +6,14 @@ What to train, one of:
 - `--scan ID [--robot NAME]`: a scan as a recorder reports it (its id, or its whole `scene_dir`); the trainer fetches it
   from `/NAME/m3/recorder` when it is not on the trainer's disk (`--robot` left out: the trainer's namespace);
 - `SCENE`: a scene directory on the trainer's disk (under its `scene_roots`; relative paths are the trainer's).
-`--set` overrides training settings as `m3 train` does; the trainer checks them and says why a goal cannot run.
+`--set` overrides training settings as `m3 train` does (`--set update.iterations=200`: an update's, see
+m3_memory.core.online.UpdateConfig); the trainer checks them and says why a goal cannot run.
+
+`--live` trains while the scan still records (the trainer's live mode): left without a scan it takes the one the recorder
+is recording now; the progress shows each memory the trainer publishes (views, Gaussians, bank sizes) and its age, and
+the goal ends after the final refinement that follows the recorder's stop. `--base-memory ID|PATH` updates that memory
+(a memory id of the robot on the trainer, or a path under the trainer's memory folder) with the scan instead of
+training from scratch, writing a new memory (`--output`).
 """
 from __future__ import annotations
 
@@ -34,6 +41,11 @@ def register(verbs) -> None:
     add_settings(parser, "override training settings, e.g. --set iterations=500 densify.refine_every=50")
     parser.add_argument("--output", default="", help="memory file name (relative to the trainer's memory folder; "
                                                      "default <scan or scene name>.pt)")
+    parser.add_argument("--live", action="store_true",
+                        help="train while the scan records, publishing the memory as it grows (no scan given: the "
+                             "one recording now)")
+    parser.add_argument("--base-memory", default="", metavar="ID|PATH",
+                        help="update this memory on the trainer with the scan instead of training from scratch")
     parser.add_argument("--namespace", default="", metavar="NS",
                         help="namespace of the trainer and recorder (the launch file's namespace:=), e.g. robot1")
     parser.add_argument("--timeout", type=float, default=30.0,
@@ -43,8 +55,9 @@ def register(verbs) -> None:
     parser.set_defaults(func=run)
 
 
-def last_scan(node, topic: str, timeout: float) -> str:
-    """`scene_dir` of the scan the recorder finished last, from its latched status on `topic`."""
+def last_scan(node, topic: str, timeout: float, recording: bool = False) -> str:
+    """`scene_dir` of the scan the recorder finished last (`recording`: the one it records now), from its latched
+    status on `topic`."""
     from m3_msgs.msg import RecorderStatus
 
     from m3_memory.ros.graph_client import spin_until
@@ -63,16 +76,31 @@ def last_scan(node, topic: str, timeout: float) -> str:
     except TimeoutError:
         raise ValueError(f"no recorder status on {topic} within {timeout:.0f} s: name the scan (--scan ID) or the scene "
                          "directory, or check the recorder runs in this namespace and ROS_DOMAIN_ID") from None
-    if status.recording:
+    if recording and not status.recording:
+        raise ValueError("the recorder is not recording: start a scan first (--live trains the one that records), or "
+                         "name a finished one with --scan")
+    if status.recording and not recording:
         raise ValueError(f"the recorder is still recording into {status.scene_dir}: stop the scan first "
-                         "(or name it with --scan to train as soon as it ends)")
+                         "(or name it with --scan to train as soon as it ends, or train it now with --live)")
     if not status.scene_dir:
         raise ValueError("the recorder has not recorded a scan yet: start and stop one first")
     return status.scene_dir
 
 
+def postfix(f) -> str:
+    """The bar's text for a Train feedback: loss and ETA while iterating, the job's latest memory and its age."""
+    parts = [f"loss={f.loss:.4f}", f"eta={f.eta_seconds:.0f}s"] if f.iteration else []
+    if f.views_in_memory:
+        banks = ",".join(f"{model}:{size}" for model, size in zip(f.bank_models, f.bank_sizes))
+        parts.append(f"memory {f.views_in_memory} views, {f.num_gaussians} Gaussians, bank {banks}")
+    if f.memory_age_seconds >= 0:
+        parts.append(f"served {f.memory_age_seconds:.0f}s ago")
+    return ", ".join(parts)
+
+
 class FeedbackBar:
-    """One tqdm bar on stderr per stage of the goal (queued, fetching bytes, features, training iterations)."""
+    """One tqdm bar on stderr per stage of the goal (queued, fetching bytes, features, training iterations) and per
+    live step (waiting, training, live, refining: iterations, with the memory published last)."""
 
     def __init__(self, enabled: bool):
         self.enabled, self.bar, self.stage = enabled, None, None
@@ -85,9 +113,12 @@ class FeedbackBar:
         f = message.feedback
         stage = f.stage or "training"
         fetching = stage == "fetching"
-        # counted: the scan's bytes while fetching, iterations while training; the other stages only show their time
-        done, total = {"fetching": (f.bytes_done, f.bytes_total),
-                       "training": (f.iteration, f.total_iterations)}.get(stage, (0, 0))
+        # counted: the scan's bytes while fetching, iterations while training or updating (each live step anew);
+        # the other stages only show their time
+        done, total = (f.bytes_done, f.bytes_total) if fetching else (0, 0) if stage in ("queued", "features") \
+            else (f.iteration, f.total_iterations)
+        if stage == self.stage and self.bar is not None and done < self.bar.n:   # a new live step
+            self.close()
         if stage != self.stage:
             self.close()
             self.stage = stage
@@ -97,8 +128,8 @@ class FeedbackBar:
             self.bar.total = total
         if stage == "queued":
             self.bar.set_postfix_str(f"{f.queue_position} ahead")
-        elif stage == "training":
-            self.bar.set_postfix(loss=f"{f.loss:.4f}", eta=f"{f.eta_seconds:.0f}s")
+        elif stage != "features":
+            self.bar.set_postfix_str(postfix(f))
         self.bar.update(max(0, done - self.bar.n))
 
     def close(self, stop: bool = False) -> None:
@@ -123,10 +154,13 @@ def run(args) -> int:
     with client_node("m3_train_remote") as node:
         scan = args.scan
         if scan is None and args.scene is None:
-            scan = last_scan(node, namespaced(args.namespace, "m3/recorder/status"), args.timeout)
+            scan = last_scan(node, namespaced(args.namespace, "m3/recorder/status"), args.timeout, args.live)
         goal = Train.Goal(scene_dir=args.scene or "", scan_id=scan or "", robot=args.robot.strip("/"),
-                          output=args.output, config_overrides=yaml.safe_dump(overrides) if overrides else "")
-        what = f"scan {scan}" + (f" of {args.robot}" if args.robot else "") if scan else f"scene {args.scene}"
+                          output=args.output, config_overrides=yaml.safe_dump(overrides) if overrides else "",
+                          live=args.live, base_memory=args.base_memory)
+        what = (("live " if args.live else "") + (f"scan {scan}" + (f" of {args.robot}" if args.robot else "")
+                                                    if scan else f"scene {args.scene}")
+                + (f" on top of {args.base_memory}" if args.base_memory else ""))
         print(f"training {what} on {train}" + (f" with {overrides}" if overrides else ""), file=sys.stderr, flush=True)
         bar = FeedbackBar(not args.no_progress)
         client = ActionClient(node, Train, train)

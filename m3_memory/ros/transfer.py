@@ -95,7 +95,7 @@ class TransferServer:
     def on_chunk(self, request, response):
         try:
             path, complete = self.item(request.kind, request.robot, request.id)
-            with open(item_file(path, request.path, complete), "rb") as handle:
+            with open(item_file(path, request.path), "rb") as handle:
                 handle.seek(request.offset)
                 data = handle.read(min(request.length, MAX_CHUNK_BYTES))
         except (M3Error, OSError) as exc:
