@@ -162,25 +162,11 @@ def test_hand_written_backward_matches_autograd_of_dense_reference(C):
     means, quats, scales, _, colors = random_scene(300, C, seed=9)
     opacities = (0.3 + 0.65 * torch.rand(300, generator=torch.Generator().manual_seed(10), dtype=F64))
     viewmats, Ks = orbit_cameras(1, 2.5, 28.0, W, H)
-    g = torch.Generator().manual_seed(11)
-    w_rgb, w_alpha, w_depth = (torch.randn(H, W, k, generator=g, dtype=F64) for k in (C, 1, 1))
-    for leaf in (means, opacities, colors):
-        leaf.requires_grad_(True)
-    rgb, alpha, depth, meta = rasterization(means, quats, scales, opacities, colors, viewmats, Ks, W, H)
+    ours, reference, alpha = _backward_against_dense_reference(means, quats, scales, opacities, colors, viewmats, Ks,
+                                                               W, H, seed=11)
     assert (alpha > 1 - 2e-4).float().mean() > 0.1
-    for key in ("means2d", "conics", "depths"):
-        meta[key].retain_grad()
-    ((rgb[0] * w_rgb).sum() + (alpha[0] * w_alpha).sum() + (depth[0] * alpha[0] * w_depth).sum()).backward()
-
-    seen = (meta["radii"][0] > 0).all(-1)
-    leaves = [meta["means2d"][0][seen], meta["conics"][0][seen], opacities[seen], colors[seen], meta["depths"][0][seen]]
-    leaves = [x.detach().clone().requires_grad_(True) for x in leaves]
-    ref, ref_alpha = dense_composite(*leaves[:3], torch.cat([leaves[3], leaves[4][:, None]], -1), W, H)
-    ((ref[..., :C] * w_rgb).sum() + (ref_alpha[..., None] * w_alpha).sum() + (ref[..., C:] * w_depth).sum()).backward()
-    ours = [meta["means2d"].grad[0][seen], meta["conics"].grad[0][seen], opacities.grad[seen], colors.grad[seen],
-            meta["depths"].grad[0][seen]]  # fmt: skip
-    for got, leaf in zip(ours, leaves):
-        torch.testing.assert_close(got, leaf.grad, rtol=1e-7, atol=1e-9)
+    for got, expected in zip(ours, reference):
+        torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)
 
 
 def test_culled_gaussians_never_crash_or_leak_nan():
