@@ -30,9 +30,9 @@ Once `live_min_views` keyframes are there it trains a first memory (`live_first_
 extracted alone (the feature cache is per frame), and at most every `publish_every_s` writes the newest memory to the
 output atomically and announces it as a finished job does (`m3/checkpoint`, and `m3/trainer/memory_ready` for scans),
 so memory servers swap it in. When the scan ends (the pull completed; for a local scan the recorder's status no
-longer names it as recording, or no status came within SOURCE_TIMEOUT_S) the last keyframes get the final
-refinement (`live_final_iterations`; if none arrived since the last step, that step is redone with them), the memory
-is published and the goal succeeds. With the node parameter `live` (launch `live:=true`) the trainer follows its own
+longer names it as recording, or no status came within SOURCE_TIMEOUT_S) the keyframes that arrived by then are
+taken in by an ordinary step and published at once; then that last step is redone from the memory before it with
+`live_final_iterations` (the final refinement), the memory is published and the goal succeeds. With the node parameter `live` (launch `live:=true`) the trainer follows its own
 namespace's recorder: each scan that starts recording gets a live job queued by the trainer itself (no goal, no
 client: progress in the log and the announcements), read in place when it lies under `scene_roots` (same computer),
 else fetched by id. Feedback reports the job's latest memory (views, Gaussians, bank sizes) and the age of the one last
@@ -548,7 +548,7 @@ class Trainer(Node):
         config = job.config if memory is None else train_config_of(memory, job.overrides)
         held = 0             # views of this scan in `memory`
         last_step = None     # views of this scan before the last step (None: no step yet)
-        unpublished, published_at, published, steps = False, None, 0, 0
+        unpublished, published_at, published, steps, final = False, None, 0, 0, False
         try:
             while True:
                 if reporter.cancelled:
@@ -560,14 +560,17 @@ class Trainer(Node):
                 if ready or ended:
                     if count == 0:
                         raise JobError(f"the scan {job.scene_dir.name} ended with no keyframe")
-                    if ended and count == held:   # nothing new since the last step: redo it as the final one
+                    # keyframes that arrived by the stop are served by an ordinary step first; then, nothing being
+                    # new, that step is redone from the memory before it as the final refinement
+                    final = ended and count == held
+                    if final:
                         held = last_step
                         memory, state = (load_memory(before, device) if before.is_file() else (None, None))
-                    iterations = (settings.final_iterations if ended else settings.first_iterations
+                    iterations = (settings.final_iterations if final else settings.first_iterations
                                   if memory is None else settings.update_iterations)
                     step_started = time.monotonic()
                     features = self.features(scene, job)
-                    reporter.feedback(stage="refining" if ended else "training" if memory is None else "live",
+                    reporter.feedback(stage="refining" if final else "training" if memory is None else "live",
                                       iteration=0, total_iterations=iterations)
                     if work.is_file():
                         work.replace(before)
@@ -593,8 +596,8 @@ class Trainer(Node):
                     published_at, unpublished, published = time.monotonic(), False, published + 1
                     reporter.memory(memory, published=True)
                     self.get_logger().info(f"live: published {job.output} ({held} views"
-                                           + (", final)" if ended else ")"))
-                if ended:
+                                           + (", final)" if final else ")"))
+                if final:
                     break
                 if not ready:
                     time.sleep(LIVE_POLL_S)
