@@ -1,4 +1,4 @@
-"""CPU backend: torch EWA projection + multi-threaded C++ tile compositing with a hand-written backward.
+"""CPU backend: C++ EWA projection + multi-threaded C++ tile compositing, each with a hand-written backward.
 
 Memory stays bounded by the image and the tile-Gaussian intersection list: no [N, H, W] tensor is ever formed.
 For the backward the forward keeps which Gaussians each pixel composited (one bit per tile-Gaussian pair and pixel

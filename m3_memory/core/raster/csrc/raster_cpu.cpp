@@ -33,6 +33,8 @@ namespace {
 constexpr double kAlphaMin = 1.0 / 255.0;
 constexpr double kAlphaMax = 0.999;
 constexpr double kTransmittanceMin = 1e-4;
+// A Gaussian's screen bounds reach at most this many standard deviations per axis.
+constexpr double kMaxExtend = 3.33;
 // Tile Gaussians are screened against a pixel this many at a time: one bit each in a 64-bit mask.
 constexpr int64_t kChunk = 64;
 // Feature rows hold a multiple of this many channels (zero padded by the caller): whole 32-byte vectors for float.
@@ -55,10 +57,34 @@ struct Vec {
   }
   static void store(T* p, type v) { std::memcpy(p, &v, sizeof(v)); }
   static type splat(T x) { return type{} + x; }
+  // lanes summed pairwise (halves first): three adds instead of a chain of lanes - 1
   static T sum(type v) {
+#if defined(__AVX__)
+    if constexpr (lanes == 8) {
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+    } else {
+      const __m128d h = _mm_add_pd(_mm256_castpd256_pd128((__m256d)v), _mm256_extractf128_pd((__m256d)v, 1));
+      return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+    }
+#else
     T s = 0;
     for (int64_t l = 0; l < lanes; ++l) s += v[l];
     return s;
+#endif
+  }
+  // a * b + c rounded once where the CPU has FMA: explicit, since -ffp-contract=off keeps the compiler from fusing,
+  // so every use rounds alike (the forward's and the backward's screening stay bitwise equal).
+  static type fmadd(type a, type b, type c) {
+#if defined(__FMA__)
+    if constexpr (lanes == 8)
+      return (type)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+    else
+      return (type)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
+#else
+    return a * b + c;
+#endif
   }
 };
 
@@ -106,7 +132,7 @@ typename Vec<T>::type exp_neg(typename Vec<T>::type s) {
   const typename V::type nf = __builtin_convertvector(n, typename V::type);
   const typename V::type r = (x - nf * E::ln2_hi) - nf * E::ln2_lo;
   typename V::type p = V::splat(taylor.c[E::degree]);
-  for (int k = E::degree - 1; k >= 0; --k) p = p * r + taylor.c[k];
+  for (int k = E::degree - 1; k >= 0; --k) p = V::fmadd(p, r, V::splat(taylor.c[k]));
   const itype bits = (n + I(E::bias)) << E::mantissa;
   typename V::type scale;
   std::memcpy(&scale, &bits, sizeof(scale));
@@ -151,7 +177,7 @@ void weighted_sum(const T* features, int64_t D, const int32_t* local, const T* w
       for (int64_t q = 0; q < n; ++q) {
         const typename V::type wq = V::splat(w[q]);
         const T* f = features + local[q] * D + c0;
-        for (int b = 0; b < NB; ++b) acc[b] += V::load(f + b * V::lanes) * wq;
+        for (int b = 0; b < NB; ++b) acc[b] = V::fmadd(V::load(f + b * V::lanes), wq, acc[b]);
       }
       for (int b = 0; b < NB; ++b) V::store(out + c0 + b * V::lanes, acc[b]);
     });
@@ -176,8 +202,8 @@ void feature_gradients(const T* features, T* grad, int64_t D, const int32_t* loc
         T* g = grad + local[q] * D + c0;
         typename V::type s{};
         for (int b = 0; b < NB; ++b) {
-          V::store(g + b * V::lanes, V::load(g + b * V::lanes) + wq * vb[b]);
-          s += V::load(f + b * V::lanes) * vb[b];
+          V::store(g + b * V::lanes, V::fmadd(wq, vb[b], V::load(g + b * V::lanes)));
+          s = V::fmadd(V::load(f + b * V::lanes), vb[b], s);
         }
         dot[q] += V::sum(s);
       }
@@ -213,15 +239,57 @@ template <typename T>
 struct Contributors {
   std::vector<int32_t> local;
   std::vector<T> alpha, vis, trans, weight, dot;
+  std::vector<T> inv;  // backward: 1 / (1 - alpha)
   int64_t n = 0;
   T t_final = 1;  // transmittance behind the last one
 
+  // padded by a chunk: screen() writes alpha and vis of reloaded contributors in whole vectors
   void reserve(int64_t capacity) {
-    if (static_cast<int64_t>(local.size()) >= capacity) return;
-    local.resize(capacity);
-    for (auto* v : {&alpha, &vis, &trans, &weight, &dot}) v->resize(capacity);
+    if (static_cast<int64_t>(local.size()) >= capacity + kChunk) return;
+    local.resize(capacity + kChunk);
+    for (auto* v : {&alpha, &vis, &trans, &weight, &dot, &inv}) v->resize(capacity + kChunk);
+  }
+
+  // The contributor mask of words 64-bit words (bit k: tile Gaussian k composited). `local` is increasing (the walk
+  // goes front to back through the tile's depth order), so each word is assembled in a register and stored once.
+  void write_mask(uint64_t* mask, int64_t words) const {
+    std::fill(mask, mask + words, uint64_t(0));
+    uint64_t word = 0;
+    int64_t at = 0;
+    for (int64_t q = 0; q < n; ++q) {
+      if ((local[q] >> 6) != at) {
+        mask[at] = word;
+        word = 0;
+        at = local[q] >> 6;
+      }
+      word |= uint64_t(1) << (local[q] & 63);
+    }
+    if (n > 0) mask[at] = word;
   }
 };
+
+// What screening needs of one Gaussian-camera pair, in one record: a tile gather reads one cache line for it instead
+// of three scattered arrays, and the cut-offs are computed once per pair rather than once per tile.
+template <typename T>
+struct ScreenGaussian {
+  T x, y, ca, cb, cc, op;
+  T cut;    // sigma <= cut exactly when o * exp(-sigma) >= 1/255
+  T row_k;  // min over x of sigma at row offset dy is row_k * dy^2, row_k = 0.5 det(conic) / a
+};
+
+// Records of all E pairs from means2d [E, 2], conics [E, 3], opacities [E].
+template <typename T>
+std::vector<ScreenGaussian<T>> screen_gaussians(const T* means2d, const T* conics, const T* opacities, int64_t E) {
+  std::vector<ScreenGaussian<T>> out(E);
+  at::parallel_for(0, E, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const T a = conics[3 * g], b = conics[3 * g + 1], c = conics[3 * g + 2];
+      out[g] = {means2d[2 * g], means2d[2 * g + 1], a, b, c, opacities[g], std::log(opacities[g] / T(kAlphaMin)),
+                T(0.5) * (a * c - b * b) / a};
+    }
+  });
+  return out;
+}
 
 // Gaussians of one tile gathered contiguously in depth order (structure of arrays, with their feature rows), and
 // the subset of them reaching the current pixel row (`row_*`, same order), so each pixel screens only Gaussians
@@ -229,9 +297,7 @@ struct Contributors {
 template <typename T>
 struct TileGaussians {
   int64_t n = 0, D = 0;
-  std::vector<T> x, y, ca, cb, cc, op;  // y, cut and row_k padded to whole vectors for select_row()
-  std::vector<T> cut;    // sigma <= cut exactly when o * exp(-sigma) >= 1/255
-  std::vector<T> row_k;  // min over x of sigma at row offset dy is row_k * dy^2, row_k = 0.5 det(conic) / a
+  std::vector<T> x, y, ca, cb, cc, op, cut, row_k;  // as in ScreenGaussian; y, cut, row_k padded to whole vectors
   std::vector<int64_t> id;
   std::vector<T> features;  // [n, D]
   // the row list: padded by kChunk entries so that screening reads whole vectors
@@ -241,12 +307,12 @@ struct TileGaussians {
   Contributors<T> list;
   std::vector<T> grad_f;  // backward: feature gradients of the tile's Gaussians, [n, D], flushed once per tile
   std::vector<T> grad_g;  // backward: (means2d, conics, opacity, |means2d| per pixel) gradients, [n, 8]
-  // screen() output for one chunk: exp(-sigma) and alpha of each
+  // the walk's screen() output for one chunk: exp(-sigma) and alpha of each
   alignas(32) T vis[kChunk];
   alignas(32) T alpha[kChunk];
 
-  void gather(const T* means2d, const T* conics, const T* opacities, const T* feat, int64_t channels,
-              const int64_t* ids, int64_t start, int64_t end) {
+  void gather(const ScreenGaussian<T>* pairs, const T* feat, int64_t channels, const int64_t* ids, int64_t start,
+              int64_t end) {
     n = end - start;
     D = channels;
     for (auto* v : {&x, &ca, &cb, &cc, &op}) v->resize(n);
@@ -256,26 +322,36 @@ struct TileGaussians {
     row_local.resize(n + kChunk);
     features.resize(n * D);
     list.reserve(n);
-    constexpr int64_t ahead = 8;  // prefetch distance: the ids are scattered over the whole scene
+    constexpr int64_t ahead = 16;  // prefetch distance: the ids are scattered over the whole scene
     for (int64_t k = 0; k < n; ++k) {
       if (k + ahead < n) {
         const int64_t next = ids[start + k + ahead];
         for (int64_t c = 0; c < D; c += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(feat + next * D + c);
-        __builtin_prefetch(conics + 3 * next);
+        __builtin_prefetch(pairs + next);
       }
       const int64_t g = ids[start + k];
-      const T a = conics[3 * g], b = conics[3 * g + 1], c = conics[3 * g + 2];
+      const ScreenGaussian<T>& p = pairs[g];
       id[k] = g;
-      x[k] = means2d[2 * g];
-      y[k] = means2d[2 * g + 1];
-      ca[k] = a;
-      cb[k] = b;
-      cc[k] = c;
-      op[k] = opacities[g];
-      cut[k] = std::log(opacities[g] / T(kAlphaMin));
-      row_k[k] = T(0.5) * (a * c - b * b) / a;
+      x[k] = p.x;
+      y[k] = p.y;
+      ca[k] = p.ca;
+      cb[k] = p.cb;
+      cc[k] = p.cc;
+      op[k] = p.op;
+      cut[k] = p.cut;
+      row_k[k] = p.row_k;
       std::memcpy(&features[k * D], feat + g * D, D * sizeof(T));
     }
+  }
+
+  // Row list entry m := tile Gaussian k (the parameters screen() and the backward read).
+  void copy_to_row(int64_t m, int64_t k) {
+    row_x[m] = x[k];
+    row_y[m] = y[k];
+    row_ca[m] = ca[k];
+    row_cb[m] = cb[k];
+    row_cc[m] = cc[k];
+    row_op[m] = op[k];
   }
 
   // Compacts into the row list the tile Gaussians whose footprint reaches pixel row py. A small margin keeps
@@ -289,22 +365,17 @@ struct TileGaussians {
       if (n - k0 < V::lanes) bits &= (1u << (n - k0)) - 1;
       for (; bits; bits &= bits - 1, ++m) {
         const int64_t k = k0 + __builtin_ctz(bits);
-        row_x[m] = x[k];
-        row_y[m] = y[k];
-        row_ca[m] = ca[k];
-        row_cb[m] = cb[k];
-        row_cc[m] = cc[k];
-        row_op[m] = op[k];
+        copy_to_row(m, k);
         row_local[m] = static_cast<int32_t>(k);
       }
     }
     n_row = m;
   }
 
-  // exp(-sigma) and alpha of row Gaussians [k0, k0 + len) (len <= kChunk) at pixel (px, py) into vis and alpha,
-  // in whole vectors (the row arrays are padded); returns the mask of those that contribute (sigma >= 0,
+  // exp(-sigma) and alpha of row Gaussians [k0, k0 + len) (len <= kChunk) at pixel (px, py) into vis_out and
+  // alpha_out, in whole vectors (the row arrays and the outputs are padded); returns the mask of those that contribute (sigma >= 0,
   // alpha >= 1/255), bit j for Gaussian k0 + j, none past len. Branch-free.
-  uint64_t screen(T px, T py, int64_t k0, int64_t len) {
+  uint64_t screen(T px, T py, int64_t k0, int64_t len, T* vis_out, T* alpha_out) {
     using V = Vec<T>;
     using VT = typename V::type;
     const T *gx = row_x.data() + k0, *gy = row_y.data() + k0, *a = row_ca.data() + k0, *b = row_cb.data() + k0,
@@ -312,13 +383,13 @@ struct TileGaussians {
     uint64_t bits = 0;
     for (int64_t j = 0; j < len; j += V::lanes) {
       const VT dx = V::load(gx + j) - px, dy = V::load(gy + j) - py;
-      const VT s = T(0.5) * (V::load(a + j) * dx * dx + V::load(c + j) * dy * dy) + V::load(b + j) * dx * dy;
+      const VT s = V::fmadd(V::load(b + j) * dx, dy, T(0.5) * V::fmadd(V::load(a + j) * dx, dx, V::load(c + j) * dy * dy));
       const VT clamped = s < T(0) ? V::splat(0) : (s > T(kSigmaMax) ? V::splat(T(kSigmaMax)) : s);
       const VT e = exp_neg<T>(clamped);
       const VT raw = V::load(o + j) * e;
       const VT al = raw > T(kAlphaMax) ? V::splat(T(kAlphaMax)) : raw;
-      V::store(vis + j, e);
-      V::store(alpha + j, al);
+      V::store(vis_out + j, e);
+      V::store(alpha_out + j, al);
       bits |= static_cast<uint64_t>(lane_bits((s >= T(0)) & (al >= T(kAlphaMin)))) << j;
     }
     return len < kChunk ? bits & ((uint64_t(1) << len) - 1) : bits;
@@ -332,7 +403,7 @@ struct TileGaussians {
     int64_t m = 0;
     bool done = false;
     for (int64_t k0 = 0; k0 < n_row && !done; k0 += kChunk) {
-      for (uint64_t bits = screen(px, py, k0, std::min(n_row - k0, kChunk)); bits; bits &= bits - 1) {
+      for (uint64_t bits = screen(px, py, k0, std::min(n_row - k0, kChunk), vis, alpha); bits; bits &= bits - 1) {
         const int j = __builtin_ctzll(bits);
         const T a = alpha[j];
         const T next = t * (1 - a);
@@ -361,27 +432,22 @@ struct TileGaussians {
       for (uint64_t bits = mask[w]; bits; bits &= bits - 1, ++m) {
         const int32_t k = static_cast<int32_t>(64 * w + __builtin_ctzll(bits));
         out.local[m] = k;
-        row_x[m] = x[k];
-        row_y[m] = y[k];
-        row_ca[m] = ca[k];
-        row_cb[m] = cb[k];
-        row_cc[m] = cc[k];
-        row_op[m] = op[k];
+        copy_to_row(m, k);
       }
     n_row = m;
+    for (int64_t q0 = 0; q0 < m; q0 += kChunk)
+      screen(px, py, q0, std::min(m - q0, kChunk), out.vis.data() + q0, out.alpha.data() + q0);
     T t = 1;
-    for (int64_t q0 = 0; q0 < m; q0 += kChunk) {
-      const int64_t len = std::min(m - q0, kChunk);
-      screen(px, py, q0, len);
-      for (int64_t q = 0; q < len; ++q) {
-        const T a = alpha[q];
-        out.alpha[q0 + q] = a;
-        out.vis[q0 + q] = vis[q];
-        out.trans[q0 + q] = t;
-        out.weight[q0 + q] = a * t;
-        t = t * (1 - a);
-      }
+    for (int64_t q = 0; q < m; ++q) {
+      const T a = out.alpha[q];
+      out.trans[q] = t;
+      out.weight[q] = a * t;
+      t = t * (1 - a);
     }
+    // whole vectors of divisions here, instead of one scalar division per contributor in the backward's loop
+    using V = Vec<T>;
+    for (int64_t q = 0; q < m; q += V::lanes)
+      V::store(out.inv.data() + q, T(1) / (T(1) - V::load(out.alpha.data() + q)));
     out.n = m;
     out.t_final = t;
   }
@@ -494,6 +560,7 @@ void forward_impl(const at::Tensor& means2d, const at::Tensor& conics, const at:
   const int64_t HW = grid.width * grid.height;
 
   const int workers = num_threads();
+  const std::vector<ScreenGaussian<T>> pairs = screen_gaussians(m, con, opa, means2d.size(0) * means2d.size(1));
   std::vector<TileGaussians<T>> scratch(workers);
   std::vector<std::vector<T>> pixel(workers, std::vector<T>(D));
   const std::vector<int64_t> mask_start = masks ? mask_starts(off, n_tiles, grid.tile_size) : std::vector<int64_t>();
@@ -503,7 +570,7 @@ void forward_impl(const at::Tensor& means2d, const at::Tensor& conics, const at:
     T* acc = pixel[worker].data();
     const int64_t b = t / grid.tiles(), tt = t % grid.tiles();
     const int64_t i0 = (tt / grid.tiles_w) * grid.tile_size, j0 = (tt % grid.tiles_w) * grid.tile_size;
-    tg.gather(m, con, opa, feat, D, ids, off[t], off[t + 1]);
+    tg.gather(pairs.data(), feat, D, ids, off[t], off[t + 1]);
     const int64_t words = (tg.n + 63) / 64;
     for (int64_t i = i0; i < std::min(i0 + grid.tile_size, grid.height); ++i) {
       tg.select_row(i + T(0.5));
@@ -514,11 +581,7 @@ void forward_impl(const at::Tensor& means2d, const at::Tensor& conics, const at:
         std::copy(acc, acc + split, out_head + pix * split);
         std::copy(acc + split, acc + used, out_tail + pix * (used - split));
         out_alpha[pix] = 1 - list.t_final;
-        if (masks) {
-          uint64_t* mask = masks + mask_start[t] + ((i - i0) * grid.tile_size + j - j0) * words;
-          std::fill(mask, mask + words, uint64_t(0));
-          for (int64_t q = 0; q < list.n; ++q) mask[list.local[q] >> 6] |= uint64_t(1) << (list.local[q] & 63);
-        }
+        if (masks) list.write_mask(masks + mask_start[t] + ((i - i0) * grid.tile_size + j - j0) * words, words);
       }
     }
   });
@@ -558,7 +621,7 @@ void backward_impl(const at::Tensor& means2d, const at::Tensor& conics, const at
     std::fill(per_thread + begin * row, per_thread + end * row, T(0));
   });
   const std::vector<int64_t> mask_start = mask_starts(off, n_tiles, grid.tile_size);
-
+  const std::vector<ScreenGaussian<T>> pairs = screen_gaussians(m, con, opa, E);
   std::vector<TileGaussians<T>> scratch(threads);
   std::vector<std::vector<T>> pixel(threads, std::vector<T>(D, T(0)));
   parallel_tasks(n_tiles, threads, [&](int64_t t, int worker) {
@@ -569,7 +632,7 @@ void backward_impl(const at::Tensor& means2d, const at::Tensor& conics, const at
     const int64_t i0 = (tt / grid.tiles_w) * grid.tile_size, j0 = (tt % grid.tiles_w) * grid.tile_size;
     const int64_t start = off[t], end = off[t + 1];
     if (end == start) return;
-    tg.gather(m, con, opa, feat, D, ids, start, end);
+    tg.gather(pairs.data(), feat, D, ids, start, end);
     // Per-tile gradients: written in cache, flushed once
     tg.grad_f.assign(tg.n * D, T(0));
     tg.grad_g.assign(tg.n * 8, T(0));
@@ -590,7 +653,7 @@ void backward_impl(const at::Tensor& means2d, const at::Tensor& conics, const at
         for (int64_t q = n - 1; q >= 0; --q) {
           const T a = list.alpha[q], vis = list.vis[q], trans = list.trans[q], dot = list.dot[q];
           const T raw = tg.row_op[q] * vis;
-          const T inv = 1 / (1 - a);
+          const T inv = list.inv[q];
           // d render / d alpha_k = f_k T_k - (contributions behind k) / (1 - alpha_k)
           const T v_a = va_out * t_final * inv + dot * trans - behind * inv;
           behind += a * trans * dot;
@@ -645,6 +708,244 @@ void backward_impl(const at::Tensor& means2d, const at::Tensor& conics, const at
   });
 }
 
+// ---- EWA projection of 3D Gaussians, forward and backward (gsplat 1.5.3's pinhole projection, classic mode) ----
+
+// One camera: world-to-camera rotation R (row major) and translation t, pinhole intrinsics, and the bounds of the
+// normalised coordinates the Jacobian is evaluated at (1.3x the field of view: stabler far off-screen).
+template <typename T>
+struct PinholeCamera {
+  T R[9], t[3], fx, fy, cx, cy, lim_x_pos, lim_x_neg, lim_y_pos, lim_y_neg;
+
+  PinholeCamera(const T* viewmat, const T* K, int64_t width, int64_t height) {
+    for (int i = 0; i < 3; ++i) {
+      for (int j = 0; j < 3; ++j) R[3 * i + j] = viewmat[4 * i + j];
+      t[i] = viewmat[4 * i + 3];
+    }
+    fx = K[0], fy = K[4], cx = K[2], cy = K[5];
+    lim_x_pos = (width - cx) / fx + T(0.15) * width / fx;
+    lim_x_neg = cx / fx + T(0.15) * width / fx;
+    lim_y_pos = (height - cy) / fy + T(0.15) * height / fy;
+    lim_y_neg = cy / fy + T(0.15) * height / fy;
+  }
+};
+
+// One Gaussian's shape: normalised quaternion (w, x, y, z), its rotation matrix and the scales. A non-finite or
+// degenerate Gaussian (zero quaternion or scale) is replaced by a unit one at the origin and flagged invalid (culled,
+// no gradient), so no NaN reaches the outputs.
+template <typename T>
+struct GaussianShape {
+  T mean[3], q[4], inv_norm, s[3], rot[9];
+  bool valid;
+
+  GaussianShape(const T* means, const T* quats, const T* scales, T opacity, int64_t n) {
+    const T *m = means + 3 * n, *qu = quats + 4 * n, *sc = scales + 3 * n;
+    T check = opacity * 0, q_max = 0, s_max = 0;  // x * 0 is NaN exactly where x is inf or NaN
+    for (int k = 0; k < 3; ++k) check += m[k] * 0 + sc[k] * 0, s_max = std::max(s_max, std::abs(sc[k]));
+    for (int k = 0; k < 4; ++k) check += qu[k] * 0, q_max = std::max(q_max, std::abs(qu[k]));
+    valid = check == 0 && q_max > 0 && s_max > 0;
+    const T unit_q[4] = {1, 0, 0, 0}, unit_s[3] = {1, 1, 1}, origin[3] = {0, 0, 0};
+    std::copy(valid ? m : origin, (valid ? m : origin) + 3, mean);
+    std::copy(valid ? sc : unit_s, (valid ? sc : unit_s) + 3, s);
+    const T* q_in = valid ? qu : unit_q;
+    const T norm = std::sqrt(q_in[0] * q_in[0] + q_in[1] * q_in[1] + q_in[2] * q_in[2] + q_in[3] * q_in[3]);
+    inv_norm = 1 / std::max(norm, T(1e-12));
+    for (int k = 0; k < 4; ++k) q[k] = q_in[k] * inv_norm;
+    const T w = q[0], x = q[1], y = q[2], z = q[3];
+    const T r[9] = {1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+                    2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+                    2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)};
+    std::copy(r, r + 9, rot);
+  }
+};
+
+// The projection of one Gaussian into one camera, with the intermediates its backward needs.
+template <typename T>
+struct ProjectedPair {
+  T p[3];      // mean in the camera frame
+  T inv_z;     // 1 / z (1 when out of the depth range, kept finite)
+  T ux, uy;    // normalised coordinates clamped to the camera's bounds
+  bool inside_x, inside_y;  // the clamp left them unchanged (the gradient passes)
+  T M[9];      // R rot diag(s): the camera-frame covariance is M M^T
+  T j0[3], j1[3];  // rows of J M, J the projection's Jacobian
+  T c00, c01, c11, det;  // 2D covariance (with eps2d) and its determinant
+  bool in_front;  // within the depth range with a positive-definite 2D covariance
+
+  ProjectedPair(const PinholeCamera<T>& cam, const GaussianShape<T>& g, T near_plane, T far_plane, T eps2d) {
+    for (int i = 0; i < 3; ++i) {
+      p[i] = cam.t[i];
+      for (int k = 0; k < 3; ++k) p[i] += cam.R[3 * i + k] * g.mean[k];
+      for (int j = 0; j < 3; ++j) {
+        T sum = 0;
+        for (int k = 0; k < 3; ++k) sum += cam.R[3 * i + k] * g.rot[3 * k + j];
+        M[3 * i + j] = sum * g.s[j];
+      }
+    }
+    in_front = g.valid && p[2] >= near_plane && p[2] <= far_plane;
+    inv_z = in_front ? 1 / p[2] : T(1);
+    const T xn = p[0] * inv_z, yn = p[1] * inv_z;
+    ux = std::min(std::max(xn, -cam.lim_x_neg), cam.lim_x_pos);
+    uy = std::min(std::max(yn, -cam.lim_y_neg), cam.lim_y_pos);
+    inside_x = -cam.lim_x_neg < xn && xn < cam.lim_x_pos;
+    inside_y = -cam.lim_y_neg < yn && yn < cam.lim_y_pos;
+    const T a0 = cam.fx * inv_z, a1 = cam.fy * inv_z;
+    for (int k = 0; k < 3; ++k) {
+      j0[k] = a0 * (M[k] - ux * M[6 + k]);
+      j1[k] = a1 * (M[3 + k] - uy * M[6 + k]);
+    }
+    c00 = j0[0] * j0[0] + j0[1] * j0[1] + j0[2] * j0[2] + eps2d;
+    c01 = j0[0] * j1[0] + j0[1] * j1[1] + j0[2] * j1[2];
+    c11 = j1[0] * j1[0] + j1[1] * j1[1] + j1[2] * j1[2] + eps2d;
+    det = c00 * c11 - c01 * c01;
+    in_front = in_front && det > 0;
+    if (!in_front) det = 1;
+  }
+};
+
+// Gradients of one Gaussian summed over the cameras: mean, scales, and the rotation matrix (turned into the
+// quaternion's once, as it is linear).
+template <typename T>
+struct ShapeGradient {
+  T mean[3] = {}, s[3] = {}, rot[9] = {};
+
+  // Adds the chain rule of ProjectedPair for d loss / d (means2d, conics, depth) = v_m2 [2], v_con [3], v_z.
+  void add(const PinholeCamera<T>& cam, const GaussianShape<T>& g, const ProjectedPair<T>& pp, const T* v_m2,
+           const T* v_con, T v_z) {
+    const T inv = 1 / pp.det;
+    const T con0 = pp.c11 * inv, con1 = -pp.c01 * inv, con2 = pp.c00 * inv;
+    const T v_det = -inv * (con0 * v_con[0] + con1 * v_con[1] + con2 * v_con[2]);
+    const T v_c00 = inv * v_con[2] + v_det * pp.c11;
+    const T v_c11 = inv * v_con[0] + v_det * pp.c00;
+    const T v_c01 = -inv * v_con[1] - 2 * v_det * pp.c01;
+    const T a0 = cam.fx * pp.inv_z, a1 = cam.fy * pp.inv_z;
+    T v_M[9], v_a0 = 0, v_a1 = 0, v_ux = 0, v_uy = 0;
+    for (int k = 0; k < 3; ++k) {
+      const T v_j0 = 2 * v_c00 * pp.j0[k] + v_c01 * pp.j1[k];
+      const T v_j1 = 2 * v_c11 * pp.j1[k] + v_c01 * pp.j0[k];
+      const T M2 = pp.M[6 + k];
+      v_M[k] = a0 * v_j0;
+      v_M[3 + k] = a1 * v_j1;
+      v_M[6 + k] = -a0 * pp.ux * v_j0 - a1 * pp.uy * v_j1;
+      v_a0 += v_j0 * (pp.M[k] - pp.ux * M2);
+      v_a1 += v_j1 * (pp.M[3 + k] - pp.uy * M2);
+      v_ux -= a0 * v_j0 * M2;
+      v_uy -= a1 * v_j1 * M2;
+    }
+    // means2d = (fx x / z + cx, fy y / z + cy)
+    const T v_xn = cam.fx * v_m2[0] + (pp.inside_x ? v_ux : T(0));
+    const T v_yn = cam.fy * v_m2[1] + (pp.inside_y ? v_uy : T(0));
+    const T v_inv_z = cam.fx * v_a0 + cam.fy * v_a1 + v_xn * pp.p[0] + v_yn * pp.p[1];
+    const T v_p[3] = {v_xn * pp.inv_z, v_yn * pp.inv_z, v_z - v_inv_z * pp.inv_z * pp.inv_z};
+    for (int k = 0; k < 3; ++k) {
+      for (int i = 0; i < 3; ++i) mean[k] += cam.R[3 * i + k] * v_p[i];
+      for (int j = 0; j < 3; ++j) {  // M = R m, m = rot diag(s)
+        T v_m = 0;
+        for (int i = 0; i < 3; ++i) v_m += cam.R[3 * i + k] * v_M[3 * i + j];
+        s[j] += v_m * g.rot[3 * k + j];
+        rot[3 * k + j] += v_m * g.s[j];
+      }
+    }
+  }
+
+  // d loss / d quaternion (unnormalised) from the rotation matrix's gradient.
+  void quaternion(const GaussianShape<T>& g, T* out) const {
+    const T w = g.q[0], x = g.q[1], y = g.q[2], z = g.q[3];
+    const T* v = rot;
+    const T vq[4] = {
+        2 * (-z * v[1] + y * v[2] + z * v[3] - x * v[5] - y * v[6] + x * v[7]),
+        2 * (y * v[1] + z * v[2] + y * v[3] - 2 * x * v[4] - w * v[5] + z * v[6] + w * v[7] - 2 * x * v[8]),
+        2 * (-2 * y * v[0] + x * v[1] + w * v[2] + x * v[3] + z * v[5] - w * v[6] + z * v[7] - 2 * y * v[8]),
+        2 * (-2 * z * v[0] - w * v[1] + x * v[2] + w * v[3] - 2 * z * v[4] + y * v[5] + x * v[6] + y * v[7])};
+    const T along = vq[0] * w + vq[1] * x + vq[2] * y + vq[3] * z;  // q / |q| has no gradient along q
+    for (int k = 0; k < 4; ++k) out[k] = (vq[k] - g.q[k] * along) * g.inv_norm;
+  }
+};
+
+// Screen bounds of a projected pair: 3.33 sigma per axis, tightened to where opacity * exp(-sigma) falls below
+// 1/255; zero when culled (out of depth, invisible, off-screen).
+template <typename T>
+void screen_radii(const ProjectedPair<T>& pp, T opacity, T mx, T my, int64_t width, int64_t height, int32_t* radii) {
+  radii[0] = radii[1] = 0;
+  if (!pp.in_front || !(opacity >= T(kAlphaMin))) return;
+  const T extend = std::min(std::sqrt(2 * std::log(opacity / T(kAlphaMin))), T(kMaxExtend));
+  const T rx = std::ceil(extend * std::sqrt(std::max(pp.c00, T(0))));
+  const T ry = std::ceil(extend * std::sqrt(std::max(pp.c11, T(0))));
+  const bool on_screen = mx + rx > 0 && mx - rx < width && my + ry > 0 && my - ry < height;
+  if (!on_screen || (rx <= 0 && ry <= 0)) return;
+  radii[0] = static_cast<int32_t>(rx);
+  radii[1] = static_cast<int32_t>(ry);
+}
+
+struct ProjectionSettings {
+  int64_t width, height;
+  double near_plane, far_plane, eps2d;
+};
+
+template <typename T>
+void project_forward_impl(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
+                          const at::Tensor& opacities, const at::Tensor& viewmats, const at::Tensor& Ks,
+                          const ProjectionSettings& set, at::Tensor& means2d, at::Tensor& conics, at::Tensor& depths,
+                          at::Tensor& radii) {
+  const int64_t B = viewmats.size(0), N = means.size(0);
+  const T *mu = means.data_ptr<T>(), *qu = quats.data_ptr<T>(), *sc = scales.data_ptr<T>();
+  const T* op = opacities.data_ptr<T>();
+  std::vector<PinholeCamera<T>> cams;
+  for (int64_t b = 0; b < B; ++b)
+    cams.emplace_back(viewmats.data_ptr<T>() + 16 * b, Ks.data_ptr<T>() + 9 * b, set.width, set.height);
+  T *out_m = means2d.data_ptr<T>(), *out_c = conics.data_ptr<T>(), *out_z = depths.data_ptr<T>();
+  int32_t* out_r = radii.data_ptr<int32_t>();
+  at::parallel_for(0, N, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const GaussianShape<T> g(mu, qu, sc, op[n], n);
+      for (int64_t b = 0; b < B; ++b) {
+        const PinholeCamera<T>& cam = cams[b];
+        const ProjectedPair<T> pp(cam, g, T(set.near_plane), T(set.far_plane), T(set.eps2d));
+        const int64_t e = b * N + n;
+        const T inv = 1 / pp.det;
+        out_c[3 * e] = pp.c11 * inv;
+        out_c[3 * e + 1] = -pp.c01 * inv;
+        out_c[3 * e + 2] = pp.c00 * inv;
+        out_m[2 * e] = cam.fx * (pp.p[0] * pp.inv_z) + cam.cx;
+        out_m[2 * e + 1] = cam.fy * (pp.p[1] * pp.inv_z) + cam.cy;
+        out_z[e] = pp.p[2];
+        screen_radii(pp, g.valid ? op[n] : T(0), out_m[2 * e], out_m[2 * e + 1], set.width, set.height,
+                     out_r + 2 * e);
+      }
+    }
+  });
+}
+
+template <typename T>
+void project_backward_impl(const at::Tensor& means, const at::Tensor& quats, const at::Tensor& scales,
+                           const at::Tensor& opacities, const at::Tensor& viewmats, const at::Tensor& Ks,
+                           const at::Tensor& radii, const ProjectionSettings& set, const at::Tensor& v_means2d,
+                           const at::Tensor& v_conics, const at::Tensor& v_depths, at::Tensor& v_means,
+                           at::Tensor& v_quats, at::Tensor& v_scales) {
+  const int64_t B = viewmats.size(0), N = means.size(0);
+  const T *mu = means.data_ptr<T>(), *qu = quats.data_ptr<T>(), *sc = scales.data_ptr<T>();
+  const T* op = opacities.data_ptr<T>();
+  const int32_t* rad = radii.data_ptr<int32_t>();
+  const T *vm = v_means2d.data_ptr<T>(), *vc = v_conics.data_ptr<T>(), *vz = v_depths.data_ptr<T>();
+  std::vector<PinholeCamera<T>> cams;
+  for (int64_t b = 0; b < B; ++b)
+    cams.emplace_back(viewmats.data_ptr<T>() + 16 * b, Ks.data_ptr<T>() + 9 * b, set.width, set.height);
+  T *out_mu = v_means.data_ptr<T>(), *out_q = v_quats.data_ptr<T>(), *out_s = v_scales.data_ptr<T>();
+  at::parallel_for(0, N, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const GaussianShape<T> g(mu, qu, sc, op[n], n);
+      ShapeGradient<T> grad;
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t e = b * N + n;
+        if (rad[2 * e] <= 0 && rad[2 * e + 1] <= 0) continue;  // culled: no gradient, as in gsplat
+        const ProjectedPair<T> pp(cams[b], g, T(set.near_plane), T(set.far_plane), T(set.eps2d));
+        grad.add(cams[b], g, pp, vm + 2 * e, vc + 3 * e, vz[e]);
+      }
+      std::copy(grad.mean, grad.mean + 3, out_mu + 3 * n);
+      std::copy(grad.s, grad.s + 3, out_s + 3 * n);
+      grad.quaternion(g, out_q + 4 * n);
+    }
+  });
+}
+
 Grid make_grid(int64_t width, int64_t height, int64_t tile_size) {
   return {width, height, tile_size, (width + tile_size - 1) / tile_size,
           (height + tile_size - 1) / tile_size};
@@ -660,6 +961,44 @@ void check_padded(const at::Tensor& features) {
 }
 
 }  // namespace
+
+// means [N, 3], quats [N, 4] (w, x, y, z), scales [N, 3], opacities [N], viewmats [B, 4, 4], Ks [B, 3, 3] ->
+// (means2d [B, N, 2], conics [B, N, 3], depths [B, N], radii [B, N, 2] int32, zero where culled).
+std::vector<at::Tensor> project_forward(at::Tensor means, at::Tensor quats, at::Tensor scales, at::Tensor opacities,
+                                        at::Tensor viewmats, at::Tensor Ks, int64_t width, int64_t height,
+                                        double near_plane, double far_plane, double eps2d) {
+  for (auto& [t, n] : {std::pair{means, "means"}, {quats, "quats"}, {scales, "scales"}, {opacities, "opacities"},
+                       {viewmats, "viewmats"}, {Ks, "Ks"}})
+    check_cpu_contiguous(t, n);
+  const int64_t B = viewmats.size(0), N = means.size(0);
+  auto opts = means.options();
+  auto means2d = torch::empty({B, N, 2}, opts), conics = torch::empty({B, N, 3}, opts);
+  auto depths = torch::empty({B, N}, opts), radii = torch::empty({B, N, 2}, opts.dtype(torch::kInt32));
+  const ProjectionSettings set{width, height, near_plane, far_plane, eps2d};
+  AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "project_forward", [&] {
+    project_forward_impl<scalar_t>(means, quats, scales, opacities, viewmats, Ks, set, means2d, conics, depths, radii);
+  });
+  return {means2d, conics, depths, radii};
+}
+
+// The inputs of project_forward, its radii and d loss / d (means2d, conics, depths) -> gradients w.r.t. means
+// [N, 3], quats [N, 4] and scales [N, 3], summed over the cameras (none from culled pairs).
+std::vector<at::Tensor> project_backward(at::Tensor means, at::Tensor quats, at::Tensor scales, at::Tensor opacities,
+                                         at::Tensor viewmats, at::Tensor Ks, at::Tensor radii, at::Tensor v_means2d,
+                                         at::Tensor v_conics, at::Tensor v_depths, int64_t width, int64_t height,
+                                         double near_plane, double far_plane, double eps2d) {
+  for (auto& [t, n] : {std::pair{means, "means"}, {quats, "quats"}, {scales, "scales"}, {opacities, "opacities"},
+                       {viewmats, "viewmats"}, {Ks, "Ks"}, {radii, "radii"}, {v_means2d, "v_means2d"},
+                       {v_conics, "v_conics"}, {v_depths, "v_depths"}})
+    check_cpu_contiguous(t, n);
+  auto v_means = torch::empty_like(means), v_quats = torch::empty_like(quats), v_scales = torch::empty_like(scales);
+  const ProjectionSettings set{width, height, near_plane, far_plane, eps2d};
+  AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "project_backward", [&] {
+    project_backward_impl<scalar_t>(means, quats, scales, opacities, viewmats, Ks, radii, set, v_means2d, v_conics,
+                                    v_depths, v_means, v_quats, v_scales);
+  });
+  return {v_means, v_quats, v_scales};
+}
 
 // means2d [B, N, 2], radii [B, N, 2] int32, depths [B, N] ->
 // (offsets [B * tiles_h * tiles_w + 1] int64, flat_ids [n_isects] int64 into B * N).
@@ -736,6 +1075,8 @@ std::vector<at::Tensor> rasterize_backward(at::Tensor means2d, at::Tensor conics
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("project_forward", &project_forward, "EWA projection of 3D Gaussians into pinhole cameras");
+  m.def("project_backward", &project_backward, "Backward of project_forward");
   m.def("bin_gaussians", &bin_gaussians, "Tile binning with per-tile depth sort");
   m.def("rasterize_forward", &rasterize_forward, "Front-to-back tile compositing");
   m.def("rasterize_backward", &rasterize_backward, "Backward of rasterize_forward");
