@@ -12,12 +12,14 @@ from PIL import Image
 from conftest import run_command
 from m3_memory.core.checkpoint import _encode, _payload, load_memory, save_memory
 from m3_memory.core.engine import QueryEngine
+from m3_memory.core.errors import QueryError
 from m3_memory.core.online import (SceneViews, UpdateConfig, _sampler, append_gaussians, covered_rows, extend_bank,
                                    remove_gaussians, train_config_of, unexplained_points, update)
 from m3_memory.core.memory import principal_scene_components
 from m3_memory.core.pipeline import load_train_config, scene_features
 from m3_memory.core.scene import Scene
-from m3_memory.core.trainer import TrainingLoop, ViewFeatures, ViewSet, psc_input, scene_scale, train, training_views
+from m3_memory.core.trainer import (DensifyConfig, TrainingLoop, ViewFeatures, ViewSet, psc_input, scene_scale, train,
+                                    training_views)
 from m3_memory.sim import demo_scene
 
 
@@ -210,50 +212,68 @@ def test_m3_update_cli(tiny, tmp_path):
     assert result.returncode == 1 and "new_view_share" in result.stderr
 
 
-@pytest.mark.slow
 def test_split_scan_update_matches_a_batch_retrain(tmp_path):
-    """Issue #15's split test on the demo scan. Its orbit sees every object in every view (objects.json masks), so no
-    object is seen only in the second half: the halves are the first and second half of the walk in time (each sees
-    the table from its own side), views 0, 8, ... held out of all three trainings."""
+    """Issue #15's split test on the `halves` scan (sim SIZES): in time order, its first half of the keyframes never
+    sees the duck and its second half does (test_sim checks it). A memory of the first half, updated with the second
+    half replaying the first, against a batch retrain on all views; views 0, 4, 8 are held out of all trainings.
+    The update path spends 200 + 200 iterations to the batch's 300 (at 150 + 150 the update's held-out PSNR was
+    0.91 of the batch's: its first memory is then too rough, and the update prunes 39% of it as seen through)."""
     from m3_memory.core.eval import evaluate
 
-    root = tmp_path / "demo"
-    shutil.copytree(demo_scene("demo"), root, ignore=shutil.ignore_patterns("bag", "previews"))
+    root = tmp_path / "halves"
+    shutil.copytree(demo_scene("halves"), root, ignore=shutil.ignore_patterns("bag", "previews"))
     scene = Scene.load(root)
     features = scene_features(scene, root, ["m3-tinyvlm"])
     objects = json.loads((root / "objects.json").read_text())["objects"]
-    schedule = {"iterations": 600, "densify": {"refine_start_iter": 100, "refine_stop_iter": 400, "refine_every": 50}}
-    config = load_train_config(None, {**schedule, "holdout_every": 8})
-    views = training_views(len(scene), 8)
+    config = load_train_config(None, {"iterations": 300, "holdout_every": 4, "densify": {
+        "refine_start_iter": 60, "refine_stop_iter": 240, "refine_every": 30}})
+    views = training_views(len(scene), 4)
     first, second = views[views < len(scene) // 2], views[views >= len(scene) // 2]
 
     started = time.monotonic()
     batch = train(scene, features, config, tmp_path / "batch.pt")
     batch_s = time.monotonic() - started
-    train(*part(scene, features, first), load_train_config(None, schedule), tmp_path / "first.pt")
+    started = time.monotonic()
+    train(*part(scene, features, first), load_train_config(None, {"iterations": 200, "densify": {
+        "refine_start_iter": 40, "refine_stop_iter": 160, "refine_every": 20}}), tmp_path / "first.pt")
+    first_s = time.monotonic() - started
     memory, state = load_memory(tmp_path / "first.pt")
     memory.sources[0].update(source=str(root), views=first.tolist())   # the part's views in the whole scan
     first_errors = errors(memory, objects)
     started = time.monotonic()
     updated = update(memory, state, SceneViews(scene, features, second, str(root)),
                      [SceneViews(scene, features, first, str(root))], train_config_of(memory),
-                     UpdateConfig(iterations=150), tmp_path / "updated.pt")
+                     UpdateConfig(iterations=200, densify=DensifyConfig(refine_start_iter=40, refine_stop_iter=160,
+                                                                        refine_every=40)),
+                     tmp_path / "updated.pt")
     update_s = time.monotonic() - started
-    updated.config["holdout_every"] = 8   # evaluate both on the held-out views 0, 8, ...
+    updated.config["holdout_every"] = 4   # evaluate both on the held-out views 0, 4, 8
     reports = {name: evaluate(scene, m, features) for name, m in (("batch", batch), ("update", updated))}
     found = {name: errors(m, objects) for name, m in (("batch", batch), ("update", updated))}
     fidelity = {k: r["features"]["m3-tinyvlm"]["cosine_distance"] for k, r in reports.items()}
     psnrs = {k: r["rgb"]["psnr"] for k, r in reports.items()}
-    print(json.dumps({"batch_s": batch_s, "update_s": update_s, "ratio": update_s / batch_s, "psnr": psnrs,
-                      "cosine_distance": fidelity, "first_half_errors": first_errors, "errors": found,
+    print(json.dumps({"batch_s": batch_s, "first_s": first_s, "update_s": update_s,
+                      "ratio": (first_s + update_s) / batch_s, "psnr": psnrs, "cosine_distance": fidelity,
+                      "first_half_errors": first_errors, "errors": found,
                       "bank": {"batch": batch.bank_sizes(), "update": updated.bank_sizes()},
                       "gaussians": {"batch": len(batch.gaussians), "update": len(updated.gaussians)},
-                      "figures": updated.sources[-1]["update"]}, default=str))
-    assert max(found["update"].values()) < 0.05, found["update"]
+                      "figures": {k: v for k, v in updated.sources[-1]["update"].items() if k != "config"}}))
+    near = lambda error: error is not None and error < 0.05   # noqa: E731
+    duck = "yellow bath duck"
+    assert not near(first_errors[duck]), first_errors                  # the update is what found the duck
+    assert all(near(e) for name, e in first_errors.items() if name != duck), first_errors
+    assert all(near(e) for e in found["update"].values()), found["update"]
     assert fidelity["update"] <= 1.1 * fidelity["batch"] and psnrs["update"] >= 0.9 * psnrs["batch"]
 
 
-def errors(memory, objects) -> dict[str, float]:
+def errors(memory, objects) -> dict[str, float | None]:
+    """Per object, metres from the memory's answer to its first phrase to its true centre; None when nothing in the
+    memory matches the phrase (QueryError)."""
     engine = QueryEngine(memory, "m3-tinyvlm")
-    return {o["name"]: float(np.linalg.norm(engine.answer(o["phrases"][0]).point - np.asarray(o["center"])))
-            for o in objects}
+    found = {}
+    for o in objects:
+        try:
+            found[o["name"]] = float(np.linalg.norm(engine.answer(o["phrases"][0]).point - np.asarray(o["center"])))
+        except QueryError:
+            found[o["name"]] = None
+    return found

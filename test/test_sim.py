@@ -261,3 +261,24 @@ def test_cli_registers_demo_scene_subcommand(tmp_path):
         tmp_path / "x",
         cli.run,
     )
+
+
+def test_halves_scene_hides_the_duck_from_its_first_half():
+    """The `halves` scan (issue #15's split test): objects stand at their fixed places; no pixel of the duck in any
+    keyframe of the first half (time order), well seen in the second; every other object seen in the first half."""
+    from m3_memory.sim import SIZES, demo_scene
+
+    root = demo_scene("halves")
+    scene = Scene.load(root)
+    objects = json.loads((root / "objects.json").read_text())["objects"]
+    for obj in objects:
+        np.testing.assert_allclose(obj["center"][:2], SIZES["halves"].places[obj["name"]], atol=1e-9)
+    stamps = [frame.timestamp_ns for frame in scene.frames]
+    assert stamps == sorted(stamps)
+    masks = [np.asarray(Image.open(root / "masks" / f"{frame.frame_id}.png")) for frame in scene.frames]
+    pixels = np.array([[int((mask == obj["index"]).sum()) for obj in objects] for mask in masks])   # [n, objects]
+    half, duck = len(scene) // 2, [obj["name"] for obj in objects].index("yellow bath duck")
+    assert not pixels[:half, duck].any()
+    assert (pixels[half:, duck] > 100).sum() >= 3
+    others = np.delete(pixels[:half], duck, axis=1)
+    assert ((others >= 30).sum(axis=0) >= half // 2).all(), others

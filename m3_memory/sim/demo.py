@@ -46,6 +46,7 @@ class SimConfig:
     hfov_deg: float = 69.0  # RealSense D435 colour camera
     keyframe_every: int = 6  # every k-th received camera frame goes into the scene directory
     n_previews: int = 4
+    places: dict[str, tuple[float, float]] = field(default_factory=dict)  # name → fixed table (x, y), not sampled
 
 
 SIZES: dict[str, SimConfig] = {
@@ -68,6 +69,23 @@ SIZES: dict[str, SimConfig] = {
         rig=RigConfig(arc=np.pi, start_angle=np.pi / 3, camera_height=0.45, camera_radius=0.8),
         keyframe_every=5,
         n_previews=2,
+    ),
+    # Issue #15's split scan (test_online's split test): a pass along the table's near long side, the camera looking
+    # straight across, so in time order it sees the -x end first and the +x end second. The duck stands at the +x end:
+    # no pixel of it in the first half of the keyframes (indices < n // 2), some in the second; the other objects
+    # are seen in the first half (test_sim checks both from the masks). A memory of the first half cannot know the
+    # duck, an update with the second half has to find it.
+    "halves": SimConfig(
+        width=160,
+        height=120,
+        objects=("yellow bath duck", "cat photo box", "yellow ball", "red mug"),
+        timing=TimingConfig(duration_s=2.0),
+        rig=RigConfig(arc=1.4, start_angle=-np.pi / 2 - 0.7, camera_radius=0.7, camera_height=0.6,
+                      target_follow_x=1.0),
+        keyframe_every=5,
+        n_previews=2,
+        places={"yellow bath duck": (0.55, -0.25), "cat photo box": (-0.25, -0.2), "yellow ball": (-0.2, 0.2),
+                "red mug": (0.05, -0.1)},
     ),
     "demo": SimConfig(
         width=320,
@@ -95,36 +113,43 @@ def intrinsics(config: SimConfig) -> np.ndarray:
 
 
 def _place_objects(world: TabletopWorld, names: tuple[str, ...], rng: np.random.Generator,
-                   moves: dict[str, tuple[float, float]]) -> None:
-    """Scatter objects over the table top without overlaps (rejection sampling on footprint circles), then shift the
-    objects named in `moves` by their `(dx, dy)` (metres, world frame): the layout is sampled first either way, so a
-    scan with moves is the same table as the one without, only those objects displaced (and their yaw kept)."""
+                   moves: dict[str, tuple[float, float]], places: dict[str, tuple[float, float]]) -> None:
+    """Scatter objects over the table top without overlaps (rejection sampling on footprint circles; the objects
+    named in `places` stand at their given (x, y) instead), then shift the objects named in `moves` by their
+    `(dx, dy)` (metres, world frame): the layout is made first either way, so a scan with moves is the same table as
+    the one without, only those objects displaced (and their yaw kept)."""
     margin, clearance = 0.15, 0.04
+    for given, what in ((moves, "move"), (places, "place")):
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise ValueError(f"cannot {what} {unknown}: this scene's objects are {list(names)}")
+    footprint = {name: CATALOG[name].size * 0.8 for name in names}  # generous radius: billboards are wider than tall
+    fixed = [(name, np.asarray(xy, dtype=float), footprint[name]) for name, xy in places.items()]
     placed: list[tuple[str, np.ndarray, float, float]] = []   # name, centre xy, footprint radius, yaw
     for name in names:
-        spec = CATALOG[name]
-        footprint = spec.size * 0.8  # generous radius: billboards are wider than tall
-        for _ in range(1000):
-            xy = rng.uniform(-1, 1, size=2) * (np.array(TABLE_HALF_XY) - margin)
-            if all(np.linalg.norm(xy - other) > footprint + radius + clearance for _, other, radius, _ in placed):
-                break
+        if name in places:
+            xy = np.asarray(places[name], dtype=float)
         else:
-            raise RuntimeError(f"no room on the table for {name!r}; use fewer or smaller objects")
-        placed.append((name, xy, footprint, float(rng.uniform(-np.pi, np.pi))))
-    unknown = sorted(set(moves) - set(names))
-    if unknown:
-        raise ValueError(f"cannot move {unknown}: this scene's objects are {list(names)}")
+            for _ in range(1000):
+                xy = rng.uniform(-1, 1, size=2) * (np.array(TABLE_HALF_XY) - margin)
+                if all(np.linalg.norm(xy - other[1]) > footprint[name] + other[2] + clearance
+                       for other in [*placed, *fixed]):
+                    break
+            else:
+                raise RuntimeError(f"no room on the table for {name!r}; use fewer or smaller objects")
+        placed.append((name, xy, footprint[name], float(rng.uniform(-np.pi, np.pi))))
     placed = [(name, xy + np.asarray(moves.get(name, (0.0, 0.0)), dtype=float), radius, yaw)
               for name, xy, radius, yaw in placed]
-    for name in moves:
+    for name in [*places, *moves]:
+        verb, act = ("moved", "move") if name in moves else ("placed", "place")
         _, xy, radius, _ = next(p for p in placed if p[0] == name)
         if np.any(np.abs(xy) > np.array(TABLE_HALF_XY) - radius / 2):
-            raise ValueError(f"moved {name!r} to ({xy[0]:.2f}, {xy[1]:.2f}): off the table (half size "
-                             f"{TABLE_HALF_XY} m); move it less far")
+            raise ValueError(f"{verb} {name!r} to ({xy[0]:.2f}, {xy[1]:.2f}): off the table (half size "
+                             f"{TABLE_HALF_XY} m); {act} it less far")
         hit = [other for other, oxy, oradius, _ in placed if other != name and
                np.linalg.norm(xy - oxy) <= radius + oradius + clearance]
         if hit:
-            raise ValueError(f"moved {name!r} to ({xy[0]:.2f}, {xy[1]:.2f}): it would overlap {hit}; move it "
+            raise ValueError(f"{verb} {name!r} to ({xy[0]:.2f}, {xy[1]:.2f}): it would overlap {hit}; {act} it "
                              "elsewhere")
     for name, xy, _, yaw in placed:
         world.add(CATALOG[name], xy, yaw=yaw)
@@ -170,7 +195,7 @@ def generate(out: Path, config: SimConfig, seed: int = 0, progress: Callable[[st
     trajectory = make_trajectory(config.rig, config.timing, rng)
     world = TabletopWorld()
     try:
-        _place_objects(world, config.objects, rng, moves)
+        _place_objects(world, config.objects, rng, moves, config.places)
         meta = SceneMeta(width=config.width, height=config.height, K=K, world_frame=WORLD)
         frames, keyframes, poses = [], [], []
         with SceneWriter(out, meta) as writer:

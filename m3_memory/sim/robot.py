@@ -54,6 +54,9 @@ class RigConfig:
     camera_height: float = 0.55  # above the table top
     height_wobble: float = 0.08
     target_wobble: float = 0.06
+    # The look-at point's x is this fraction of the camera's (0: the table centre; 1: straight across the table, so a
+    # short arc along a long side sees the table strip by strip, one end before the other).
+    target_follow_x: float = 0.0
     lidar_in_base: tuple = ((0.12, 0.0, 0.42), (0.0, 0.0, 0.0))
     arm_base_in_base: tuple = ((0.15, 0.10, 0.36), (0.0, 0.0, np.pi / 2))
     camera_in_ee: tuple = ((0.045, 0.0, 0.035), (0.02, -0.03, 0.015))  # small hand-eye rotation, before optical
@@ -116,7 +119,7 @@ def _camera_goal(rig: RigConfig, progress: float) -> np.ndarray:
     height = TABLE_TOP_Z + rig.camera_height + rig.height_wobble * np.sin(3 * np.pi * progress)
     eye = np.array([radius * np.cos(angle), radius * np.sin(angle), height])
     wobble = rig.target_wobble * np.array([np.sin(2 * np.pi * progress), np.cos(2.6 * np.pi * progress), 0.0])
-    return look_at_opencv(eye, np.array([0.0, 0.0, TABLE_TOP_Z + 0.04]) + wobble)
+    return look_at_opencv(eye, np.array([rig.target_follow_x * eye[0], 0.0, TABLE_TOP_Z + 0.04]) + wobble)
 
 
 def _stamps(rng: np.random.Generator, start_s: float, stop_s: float, hz: float, jitter_s: float) -> np.ndarray:
