@@ -1,8 +1,10 @@
 """Live mode (issue #15 part 2) through the real nodes: `ros2 launch ... live:=true`, the tiny bag replayed slowly into
 the recorder. The trainer follows the recorder by itself (no goal), the memory server serves a memory built from the
 first keyframes while the scan still records, the stop ends with a final refinement whose memory holds every kept
-keyframe, and the answer meets test_demo's tolerance. Also: a `base_memory` goal updates a memory through the action,
-and the launch file refuses malformed live arguments."""
+keyframe, and the answer meets test_demo's tolerance; a `m3 train-remote --live` sent during that scan follows the
+trainer's own job (one job, trained once), and a live goal that follows it can cancel it. Also: a `base_memory` goal
+updates a memory through the action, a job's feature extractors are built once, and the launch file refuses
+malformed live arguments."""
 import importlib.util
 import json
 import re
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 import rclpy
 import yaml
+from action_msgs.msg import GoalStatus
 from m3_msgs.action import Train
 from m3_msgs.msg import MemoryStatus
 from m3_msgs.srv import Locate
@@ -93,6 +96,10 @@ def test_live_scan_is_served_while_it_records_and_refined_at_its_end(ros_node, t
             play = subprocess.Popen([str(VENV_BIN / "m3"), "play", str(demo_scene("tiny") / "bag"), "--rate",
                                      str(PLAY_RATE), "--wait-for", "/camera/color/image_raw"], cwd=tmp_path,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            # a client asking for the scan the trainer already trains live: it follows that job
+            assert wait_for(lambda: "queued a live job" in log_path.read_text(), timeout=60)
+            client = subprocess.Popen([str(VENV_BIN / "m3"), "train-remote", "--live", "--json"], cwd=tmp_path,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             # keep the scan recording until a memory of it is served (the whole bag has played by then, or not)
             assert wait_for(lambda: spin() or any(s.loaded for _, s in statuses), timeout=240), \
                 log_path.read_text()[-4000:]
@@ -120,10 +127,20 @@ def test_live_scan_is_served_while_it_records_and_refined_at_its_end(ros_node, t
             time.sleep(2)
             spin()
             found = call_service(Locate, "/m3/locate", Locate.Request(query=QUERY), timeout=60)
+            out, err = client.communicate(timeout=60)
         finally:
             interrupt(launch, 60)
+            if client.poll() is None:
+                client.kill()
     text = log_path.read_text()
-    assert "queued a live job" in text and final_line in text
+    assert text.count("queued a live job") == 1 and "follows the live job" in text, text[-4000:]
+    # one job, trained once: the client's result is that job's, its publications are the log's
+    assert client.returncode == 0, err[-3000:]
+    report = json.loads(out.strip().splitlines()[-1])
+    published = re.match(rf"live: {kept} views in \d+ steps, (\d+) memories published$", report["message"])
+    assert report["success"] and published and report["checkpoint"] == str(memory_path), report
+    assert int(published.group(1)) == text.count(final_line) and text.count(f"({kept} views, final)") == 1
+    assert "refining" in err and "served" in err and "views" in err   # the job's feedback reached the client
 
     served_live = [s for t, s in statuses if t < stopped_at and s.loaded]
     assert served_live, "no memory was served while the scan recorded"
@@ -140,6 +157,71 @@ def test_live_scan_is_served_while_it_records_and_refined_at_its_end(ros_node, t
              for o in json.loads((demo_scene("tiny") / "objects.json").read_text())["objects"]}
     errors = [np.linalg.norm(point - truth[name]) for name in (QUERY, CONFUSED[QUERY])]
     assert min(errors) < TOLERANCE_M, (point, errors)
+
+
+def test_a_live_goal_following_the_trainers_own_job_cancels_it(ros_node, tmp_path):
+    """With live:=true, a live goal for the scan being recorded attaches to the job the trainer queued for it: it gets
+    that job's feedback, and its cancel ends the job (no second job ever queued)."""
+    config = live_config(tmp_path / "config", LIVE)
+    log_path = tmp_path / "launch.log"
+    feedback = []
+    with open(log_path, "w") as log:
+        launch = subprocess.Popen([str(VENV_BIN / "ros2"), "launch", "m3_bringup", "scan_and_grasp.launch.py",
+                                   "live:=true", f"config_dir:={config}"], cwd=tmp_path, stdout=log,
+                                  stderr=subprocess.STDOUT)
+        try:
+            start = call_service(Trigger, "/m3/recorder/start", Trigger.Request(), timeout=90)
+            assert start.success, start.message
+            assert wait_for(lambda: "queued a live job" in log_path.read_text(), timeout=60), log_path.read_text()
+            client = ActionClient(ros_node, Train, "m3/train")
+            assert client.wait_for_server(timeout_sec=60)
+            sent = client.send_goal_async(Train.Goal(scan_id=start.message, live=True),
+                                          feedback_callback=lambda m: feedback.append(m.feedback))
+            rclpy.spin_until_future_complete(ros_node, sent, timeout_sec=30)
+            handle = sent.result()
+            assert handle.accepted
+            # no bag plays: the job waits for keyframes, and says so to the goal that follows it
+            assert wait_for(lambda: rclpy.spin_once(ros_node, timeout_sec=0.1) or any(
+                f.stage == "waiting" for f in feedback), timeout=30), feedback
+            cancel = handle.cancel_goal_async()
+            rclpy.spin_until_future_complete(ros_node, cancel, timeout_sec=30)
+            result = handle.get_result_async()
+            rclpy.spin_until_future_complete(ros_node, result, timeout_sec=60)
+            queue = json.loads((tmp_path / "storage" / "queue.json").read_text())["jobs"]
+            time.sleep(3)   # the recorder still records and says so every second: no second job for its scan
+        finally:
+            interrupt(launch, 60)
+    text = log_path.read_text()
+    assert result.result().status == GoalStatus.STATUS_CANCELED, result.result()
+    assert "live training cancelled" in result.result().result.message
+    assert "follows the live job" in text and text.count("queued a live job") == 1, text[-4000:]
+    assert queue == [] and "live: published" not in text   # the job ended with its cancel, having trained nothing
+
+
+def test_a_jobs_extractors_are_built_once_and_reused_as_its_scan_grows(tmp_path, monkeypatch):
+    from m3_memory.core.features import registry
+    from m3_memory.core.pipeline import Extractors, scene_features
+    from m3_memory.core.scene import INDEX_FILE, Scene
+
+    scan = tmp_path / "scan"
+    shutil.copytree(demo_scene("tiny"), scan, ignore=shutil.ignore_patterns("bag", "previews"))
+    lines = (scan / INDEX_FILE).read_text().splitlines(keepends=True)
+    (scan / INDEX_FILE).write_text("".join(lines[:3]))   # the scan as it records: its first keyframes
+    built = []
+    real = registry.build_extractor
+    monkeypatch.setattr(registry, "build_extractor", lambda name, **kw: built.append(name) or real(name, **kw))
+
+    extractors = Extractors(["m3-tinyvlm"], device="cpu")
+    first = extractors.scene_features(Scene.load(scan), scan)["m3-tinyvlm"]
+    (scan / INDEX_FILE).write_text("".join(lines))       # more keyframes arrived
+    grown = extractors.scene_features(Scene.load(scan), scan)["m3-tinyvlm"]
+    assert built == ["m3-tinyvlm"] and extractors.extractor("m3-tinyvlm") is extractors.extractor("m3-tinyvlm")
+    assert len(first.maps) == 3 and len(grown.maps) == len(lines) and grown.identity == first.identity
+    for old, new in zip(first.maps, grown.maps):
+        assert np.array_equal(old, new)
+    once = scene_features(Scene.load(scan), scan, ["m3-tinyvlm"], device="cpu")["m3-tinyvlm"]   # built for the call
+    assert built == ["m3-tinyvlm"] * 2
+    assert all(np.array_equal(a, b) for a, b in zip(grown.maps, once.maps))
 
 
 def test_a_base_memory_goal_updates_that_memory_into_a_new_one(tiny_memory, ros_node, tmp_path):

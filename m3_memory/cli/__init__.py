@@ -21,8 +21,8 @@ VERB_MODULES = (
     "m3_memory.cli.colmap",
     "m3_memory.cli.eval",
     "m3_memory.cli.storage",
-    "m3_memory.ros.locate_cli",
-    "m3_memory.ros.train_cli",
+    "m3_memory.cli.locate",
+    "m3_memory.cli.train_remote",
     "m3_memory.ros.bag_play",
     "m3_memory.ros.demo",
 )

@@ -32,10 +32,14 @@ output atomically and announces it as a finished job does (`m3/checkpoint`, and 
 so memory servers swap it in. When the scan ends (the pull completed; for a local scan the recorder's status no
 longer names it as recording, or no status came within SOURCE_TIMEOUT_S) the keyframes that arrived by then are
 taken in by an ordinary step and published at once; then that last step is redone from the memory before it with
-`live_final_iterations` (the final refinement), the memory is published and the goal succeeds. With the node parameter `live` (launch `live:=true`) the trainer follows its own
-namespace's recorder: each scan that starts recording gets a live job queued by the trainer itself (no goal, no
-client: progress in the log and the announcements), read in place when it lies under `scene_roots` (same computer),
-else fetched by id. Feedback reports the job's latest memory (views, Gaussians, bank sizes) and the age of the one last
+`live_final_iterations` (the final refinement), the memory is published and the goal succeeds. With the node
+parameter `live` (launch `live:=true`) the trainer follows its own namespace's recorder: each scan that starts
+recording gets a live job queued by the trainer itself (no goal: progress in the log and the announcements), read in
+place when it lies under `scene_roots` (same computer), else fetched by id. A live goal for such a scan (`m3
+train-remote --live`), while its job is queued or runs, attaches to that job instead of training the scan a second
+time: the goal gets the job's feedback, its cancel stops the job, and it ends with the job's result (a goal with an
+output, settings or base memory of its own is a job of its own). A scan is queued a live job once, by whichever
+comes first. Feedback reports the job's latest memory (views, Gaussians, bank sizes) and the age of the one last
 published.
 
 A goal with `base_memory` updates that memory (a memory id of the goal's robot in `storage_root`, or a path under
@@ -64,6 +68,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from action_msgs.msg import GoalStatus
 from m3_msgs.action import Train
 from m3_msgs.msg import RecorderStatus
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
@@ -77,7 +82,7 @@ from m3_memory.core.errors import M3Error
 from m3_memory.core.jobs import QUEUE_FILE, Job, JobQueue
 from m3_memory.core.online import SceneViews, UpdateConfig, recorded_views, train_config_of, update
 from m3_memory.core.paths import confine
-from m3_memory.core.pipeline import DEFAULT_TRAIN_CONFIG, load_train_config, scene_features
+from m3_memory.core.pipeline import DEFAULT_TRAIN_CONFIG, Extractors, load_train_config
 from m3_memory.core.scene import INDEX_FILE, META_FILE, Scene
 from m3_memory.core.storage import (DEFAULT_CHUNK_BYTES, MEMORY_SUFFIX, PullProgress, Storage, file_sha256,
                                     held_manifest, robot_name)
@@ -198,15 +203,36 @@ def plan_goal(goal: Train.Goal, scene_roots: list[Path], output_root: Path, conf
 
 
 class Reporter:
-    """Feedback and cancel of one job: its goal handle, or nothing for a job restored from the saved queue (or queued
-    by the trainer itself). Feedback comes from the job's thread and its pull's; the age of the memory published
-    last is computed when each feedback is sent."""
+    """Feedback, cancel and end of the job `job_id`. `handle`: the goal that asked for it, whose execute callback runs
+    it; a job restored from the saved queue or queued by the trainer itself has none and runs in a thread of its own,
+    until a live goal attaches to it (`attach`). Feedback comes from the job's thread and its pull's; the age of the
+    memory published last is computed when each feedback is sent. The job's end (`end`: its status and result) is
+    what its goal's execute callback waits for and reports."""
 
-    def __init__(self, handle=None):
-        self.handle = handle
+    def __init__(self, job_id: str, handle=None):
+        self.job_id, self.handle = job_id, handle
+        self.runs_in_goal = handle is not None
         self.fields: dict = {"memory_age_seconds": -1.0}
         self.published_at: float | None = None
+        self.status = GoalStatus.STATUS_UNKNOWN   # STATUS_SUCCEEDED, _CANCELED or _ABORTED once ended
+        self.result: Train.Result | None = None
+        self.ended = threading.Event()
         self._lock = threading.Lock()
+
+    def attach(self, handle) -> bool:
+        """Give this goal-less job the goal `handle` (its feedback, cancel and result); False when it has a goal or has
+        ended already. The feedback so far is sent at once."""
+        with self._lock:
+            if self.handle is not None or self.ended.is_set():
+                return False
+            self.handle = handle
+        self.feedback()
+        return True
+
+    def end(self, status: int, result: Train.Result) -> None:
+        with self._lock:
+            self.status, self.result = status, result
+            self.ended.set()
 
     def feedback(self, **fields) -> None:
         with self._lock:
@@ -259,13 +285,14 @@ class Trainer(Node):
                                        complete=lambda scan: held_manifest(scan) is not None)
         self.sources: dict[str, TransferClient] = {}
         self.queue = JobQueue(self.storage.root / QUEUE_FILE)
-        self.handles: dict[str, object] = {}         # job id → goal handle (absent: restored from the saved queue)
-        self.cancelled_queued: set[str] = set()
+        self.goals: dict[str, Reporter] = {}       # goal id → the reporter of the job it follows, while it is active
         self._start_lock = threading.Lock()
         self.recorder_statuses: dict[str, RecorderStatus] = {}   # status topic → its latest message
         self.watched: set[str] = set()
         restored = self.queue.load()
-        self.followed = {job.scene_dir or job.scan_id for job in restored if job.live}
+        # job id → its reporter, while the job is queued or runs
+        self.reporters: dict[str, Reporter] = {job.job_id: Reporter(job.job_id) for job in restored}
+        self.followed = {self.scan_of(job) for job in restored if job.live}   # the scans live jobs were queued for
         # the own namespace's recorder: live jobs of local scans end by it, and `live` follows its scans
         self.watch_recorder("")
         self.server = ActionServer(self, Train, "m3/train", execute_callback=self.execute,
@@ -302,97 +329,137 @@ class Trainer(Node):
             scene_dir, scan_id = str(confine(msg.scene_dir, self.scene_roots, "scan")), ""
         except M3Error:
             scene_dir, scan_id = "", scan_name(msg.scene_dir)
-        if (scene_dir or scan_id) in self.followed:
-            return
-        self.followed.add(scene_dir or scan_id)
         robot = "" if self.get_namespace() == "/" else own_robot(self)
         job = Job(job_id=uuid.uuid4().hex, robot=robot if scan_id else "", scan_id=scan_id, scene_dir=scene_dir,
                   live=True)
-        position = self.queue.add(job)
+        with self._start_lock:   # a live goal for this scan may have come first
+            if self.scan_of(job) in self.followed:
+                return
+            self.followed.add(self.scan_of(job))
+            self.reporters[job.job_id] = Reporter(job.job_id)
+            position = self.queue.add(job)
         self.get_logger().info(f"live: the recorder started {msg.scene_dir}; queued a live job for it "
                                f"({position} ahead)")
         self.start_next()
 
+    def scan_of(self, job: Job) -> tuple[str, str]:
+        """The recorder (its namespace) and the scan id a job names, whether by scan id or scene directory."""
+        robot = job.robot.strip("/")
+        return ("/" + robot if robot else self.get_namespace(), scan_name(job.scan_id or job.scene_dir))
+
+    def goalless_live_job(self, job: Job) -> Reporter | None:
+        """The reporter of the goal-less live job (queued by the trainer itself, or restored) of the scan the live goal
+        `job` names, for the goal to attach to; None when there is none, or when the goal asks for an output, settings
+        or a base memory of its own (it is a job of its own then). Called under `_start_lock`."""
+        if job.output or job.config_overrides or job.base_memory:
+            return None
+        for queued in self.queue.jobs():
+            reporter = self.reporters.get(queued.job_id)
+            if queued.live and reporter is not None and reporter.handle is None and \
+                    self.scan_of(queued) == self.scan_of(job):
+                return reporter
+        return None
+
     # --- the queue ----------------------------------------------------------------------------------------------
     def on_accepted(self, goal_handle) -> None:
         g = goal_handle.request
-        job = Job(job_id=bytes(goal_handle.goal_id.uuid).hex(), robot=g.robot, scan_id=g.scan_id,
-                  scene_dir=g.scene_dir, output=g.output, config_overrides=g.config_overrides, live=g.live,
-                  base_memory=g.base_memory)
-        self.handles[job.job_id] = goal_handle
-        position = self.queue.add(job)
-        goal_handle.publish_feedback(Train.Feedback(queue_position=position, stage="queued"))
+        job = Job(job_id=goal_id(goal_handle), robot=g.robot, scan_id=g.scan_id, scene_dir=g.scene_dir,
+                  output=g.output, config_overrides=g.config_overrides, live=g.live, base_memory=g.base_memory)
+        with self._start_lock:
+            followed = self.goalless_live_job(job) if job.live else None
+            if followed is not None and followed.attach(goal_handle):
+                # the live job trains this scan already: the goal follows it (an executing goal from now on, its
+                # execute callback waits for the job's end) instead of training the scan a second time
+                self.goals[job.job_id] = followed
+                goal_handle.execute()
+                self.get_logger().info(f"live: goal {job.job_id[:8]} follows the live job of scan "
+                                       f"{self.scan_of(job)[1]} already queued (its feedback, cancel and result)")
+                return
+            if job.live:
+                self.followed.add(self.scan_of(job))
+            reporter = Reporter(job.job_id, goal_handle)
+            self.reporters[job.job_id] = self.goals[job.job_id] = reporter
+            position = self.queue.add(job)
+        reporter.feedback(queue_position=position, stage="queued")
         self.start_next()
 
     def start_next(self) -> None:
-        """Start the first job if none runs: its goal's execute callback, or a thread for a restored job."""
+        """Start the first job if none runs: its goal's execute callback, or a thread for a goal-less job."""
         with self._start_lock:
             job = self.queue.start_next()
             if job is None:
                 return
-            handle = self.handles.get(job.job_id)
-            if handle is None:
-                threading.Thread(target=self.run_job, args=(job, Reporter()), name="goalless-job",
-                                 daemon=True).start()
+            reporter = self.reporters[job.job_id]
+            if reporter.runs_in_goal:
+                reporter.handle.execute()
             else:
-                handle.execute()
+                threading.Thread(target=self.run_job, args=(job, reporter), name="goalless-job",
+                                 daemon=True).start()
         self.publish_positions()
 
     def publish_positions(self) -> None:
         for position, job in enumerate(self.queue.jobs()):
-            handle = self.handles.get(job.job_id)
-            if job.state == "queued" and handle is not None and handle.is_active:
-                handle.publish_feedback(Train.Feedback(queue_position=position, stage="queued"))
+            reporter = self.reporters.get(job.job_id)
+            if job.state == "queued" and reporter is not None and reporter.handle is not None and \
+                    reporter.handle.is_active:
+                reporter.feedback(queue_position=position, stage="queued")
 
     def on_cancel(self, goal_handle) -> CancelResponse:
-        job_id = bytes(goal_handle.goal_id.uuid).hex()
-        if self.queue.remove_queued(job_id):
-            self.cancelled_queued.add(job_id)
-            goal_handle.execute()   # its execute callback ends it as cancelled: a goal ends only there
+        reporter = self.goals.get(goal_id(goal_handle))
+        if reporter is not None and self.queue.remove_queued(reporter.job_id):
+            self.reporters.pop(reporter.job_id, None)
+            reporter.end(GoalStatus.STATUS_CANCELED,
+                         Train.Result(success=False, message="cancelled while queued; it never ran"))
+            if reporter.runs_in_goal:
+                goal_handle.execute()   # its execute callback ends it as cancelled: a goal ends only there
             self.publish_positions()
-        return CancelResponse.ACCEPT
+        return CancelResponse.ACCEPT   # a running job notices the cancel between iterations
 
     def execute(self, goal_handle) -> Train.Result:
-        job_id = bytes(goal_handle.goal_id.uuid).hex()
-        if job_id in self.cancelled_queued:
-            self.cancelled_queued.discard(job_id)
-            self.handles.pop(job_id, None)
+        """A goal's execute callback: it runs the goal's own job (started by `start_next`), or waits for the end of the
+        job it follows (attached, or cancelled while queued); the goal ends with that job's status and result."""
+        reporter = self.goals[goal_id(goal_handle)]
+        try:
+            if reporter.runs_in_goal and not reporter.ended.is_set():
+                self.run_job(next(j for j in self.queue.jobs() if j.job_id == reporter.job_id), reporter)
+            reporter.ended.wait()
+        finally:
+            self.goals.pop(goal_id(goal_handle), None)
+        if reporter.status == GoalStatus.STATUS_SUCCEEDED:
+            goal_handle.succeed()
+        elif reporter.status == GoalStatus.STATUS_CANCELED:
             deadline = time.monotonic() + 5.0   # the cancel's state change follows its callback
             while not goal_handle.is_cancel_requested and time.monotonic() < deadline:
                 time.sleep(0.01)
             goal_handle.canceled()
-            return Train.Result(success=False, message="cancelled while queued; it never ran")
-        job = next(j for j in self.queue.jobs() if j.job_id == job_id)
-        return self.run_job(job, Reporter(goal_handle))
+        else:
+            goal_handle.abort()
+        return reporter.result
 
-    def run_job(self, job: Job, reporter: Reporter) -> Train.Result:
-        """Run one job to its end; the goal (if any) ends here. Then the next job starts."""
-        handle = reporter.handle
+    def run_job(self, job: Job, reporter: Reporter) -> None:
+        """Run one job to its end, which `reporter` records (the goal following it reports it). Then the next job
+        starts."""
+        status, result = GoalStatus.STATUS_ABORTED, Train.Result(success=False, message="the trainer stopped")
         try:
-            result = self._run(job, reporter)
-            if handle is not None:
-                handle.succeed()
-            return result
+            result, status = self._run(job, reporter), GoalStatus.STATUS_SUCCEEDED
         except TrainingCancelled as exc:
             self.get_logger().info(str(exc))
-            if handle is not None:
-                handle.canceled()
-            return Train.Result(success=False, message=f"{exc}; the previous memory stays in service")
+            status, result = (GoalStatus.STATUS_CANCELED,
+                              Train.Result(success=False, message=f"{exc}; the previous memory stays in service"))
         except JobError as exc:
-            return self._abort(handle, str(exc))
+            result = self._failed(str(exc))
         except (M3Error, ValueError, OSError) as exc:
-            return self._abort(handle, f"training failed: {exc}")
+            result = self._failed(f"training failed: {exc}")
         except Exception as exc:  # a bug: the client still learns what happened, the log gets the traceback
             self.get_logger().error(traceback.format_exc())
-            return self._abort(handle, f"training failed: {type(exc).__name__}: {exc}")
+            result = self._failed(f"training failed: {type(exc).__name__}: {exc}")
         finally:
             self.queue.remove(job.job_id)
-            self.handles.pop(job.job_id, None)
+            self.reporters.pop(job.job_id, None)
+            reporter.end(status, result)
             self.start_next()
 
-    def _abort(self, handle, message: str) -> Train.Result:
-        if handle is not None:
-            handle.abort()
+    def _failed(self, message: str) -> Train.Result:
         self.get_logger().warning(message)
         return Train.Result(success=False, message=message)
 
@@ -415,12 +482,13 @@ class Trainer(Node):
             if not (plan.scene_dir / META_FILE).is_file():
                 raise JobError(f"scan {plan.scan_id} of {plan.robot or 'this namespace'} holds no frame "
                                "(no scene.json)")
+        extractors = Extractors(self.models, plan.config.device)   # built once for the job (a live job's every step)
         if plan.live:
-            result = self._live(plan, reporter)
+            result = self._live(plan, reporter, extractors)
         elif plan.base_memory is not None:
-            result = self._update(plan, reporter)
+            result = self._update(plan, reporter, extractors)
         else:
-            result = self._train(plan, reporter)
+            result = self._train(plan, reporter, extractors)
         result.message = "; ".join(m for m in (fetched, result.message) if m)
         if plan.scan_id:
             protect = [self.storage.scan_dir(j.robot, scan_name(j.scan_id)) for j in self.queue.jobs() if j.scan_id]
@@ -467,17 +535,13 @@ class Trainer(Node):
             self.ready_pub.publish(String(data=json.dumps({"robot": robot_name(job.robot), "id": job.output.stem,
                                                            "sha256": file_sha256(job.output)})))
 
-    def features(self, scene: Scene, job: TrainJob) -> dict:
-        """The scene's features per model; the cache is per frame, so only frames new to it are extracted."""
-        return scene_features(scene, scene.root, self.models, device=job.config.device)
-
-    def _train(self, job: TrainJob, reporter: Reporter) -> Train.Result:
+    def _train(self, job: TrainJob, reporter: Reporter, extractors: Extractors) -> Train.Result:
         scene = Scene.load(job.scene_dir)
         self.get_logger().info(f"training {len(scene)} views of {job.scene_dir} for {job.config.iterations} "
                                f"iterations → {job.output}")
         started = time.monotonic()
         reporter.feedback(queue_position=0, stage="features", total_iterations=job.config.iterations)
-        features = self.features(scene, job)
+        features = extractors.scene_features(scene, scene.root)
         reporter.feedback(stage="training")
         memory = train(scene, features, job.config, job.output, callback=progress_feedback(reporter),
                        should_cancel=lambda: reporter.cancelled)
@@ -485,7 +549,8 @@ class Trainer(Node):
         self.get_logger().info(f"memory written to {job.output} ({len(memory.gaussians)} Gaussians)")
         return result_of(memory, job, "trained", time.monotonic() - started)
 
-    def replayed(self, memory: Memory, job: TrainJob, skip: Path | None = None) -> list[SceneViews]:
+    def replayed(self, memory: Memory, job: TrainJob, extractors: Extractors, skip: Path | None = None
+                 ) -> list[SceneViews]:
         """The scans that built `memory` (its provenance), each with the views it gave, for an update to replay; a
         scan no longer on this disk (or `skip`, the scan being added) is left out, as the log says."""
         old = []
@@ -496,10 +561,10 @@ class Trainer(Node):
                                           "does not replay it (its part of the memory may drift)")
                 continue
             scene = Scene.load(root)
-            old.append(SceneViews(scene, self.features(scene, job), indices, source))
+            old.append(SceneViews(scene, extractors.scene_features(scene, root), indices, source))
         return old
 
-    def _update(self, job: TrainJob, reporter: Reporter) -> Train.Result:
+    def _update(self, job: TrainJob, reporter: Reporter, extractors: Extractors) -> Train.Result:
         """A base_memory goal: that memory, updated with the goal's scene (its training views), written to the
         output."""
         started = time.monotonic()
@@ -510,9 +575,9 @@ class Trainer(Node):
                                f"of {job.scene_dir} for {job.update.iterations} iterations → {job.output}")
         reporter.feedback(queue_position=0, stage="features", total_iterations=job.update.iterations)
         reporter.memory(memory)
-        old = self.replayed(memory, job, skip=job.scene_dir)
-        new = SceneViews(scene, self.features(scene, job), training_views(len(scene), config.holdout_every),
-                         str(job.scene_dir))
+        old = self.replayed(memory, job, extractors, skip=job.scene_dir)
+        new = SceneViews(scene, extractors.scene_features(scene, scene.root),
+                         training_views(len(scene), config.holdout_every), str(job.scene_dir))
         reporter.feedback(stage="updating")
         memory = update(memory, state, new, old, config, job.update, job.output, progress_feedback(reporter),
                         lambda: reporter.cancelled)
@@ -523,7 +588,7 @@ class Trainer(Node):
         return result_of(memory, job, f"updated {job.base_memory.name} with {len(scene)} views",
                          time.monotonic() - started)
 
-    def _live(self, job: TrainJob, reporter: Reporter) -> Train.Result:
+    def _live(self, job: TrainJob, reporter: Reporter, extractors: Extractors) -> Train.Result:
         """A live job (module docstring): first memory, updates while the scan records, the final refinement."""
         started, settings = time.monotonic(), self.live
         device = resolve_device(job.config.device)
@@ -542,7 +607,7 @@ class Trainer(Node):
         memory, state, old = None, None, []
         if job.base_memory is not None:
             memory, state = load_memory(job.base_memory, device)
-            old = self.replayed(memory, job, skip=job.scene_dir)
+            old = self.replayed(memory, job, extractors, skip=job.scene_dir)
             write_atomic(before, lambda h: h.write(job.base_memory.read_bytes()))
             reporter.memory(memory)
         config = job.config if memory is None else train_config_of(memory, job.overrides)
@@ -569,7 +634,7 @@ class Trainer(Node):
                     iterations = (settings.final_iterations if final else settings.first_iterations
                                   if memory is None else settings.update_iterations)
                     step_started = time.monotonic()
-                    features = self.features(scene, job)
+                    features = extractors.scene_features(scene, scene.root)   # only new frames extracted
                     reporter.feedback(stage="refining" if final else "training" if memory is None else "live",
                                       iteration=0, total_iterations=iterations)
                     if work.is_file():
@@ -663,6 +728,11 @@ class GrowingScan:
     def close(self) -> None:
         if self.thread is not None:
             self.thread.join(timeout=PULL_STOP_S)
+
+
+def goal_id(goal_handle) -> str:
+    """A goal's UUID as hex: the id of the job it asked for."""
+    return bytes(goal_handle.goal_id.uuid).hex()
 
 
 def progress_feedback(reporter: Reporter) -> Callable:
