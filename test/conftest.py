@@ -39,6 +39,24 @@ def interrupt(process: subprocess.Popen, timeout: float) -> None:
 
 
 @contextlib.contextmanager
+def ros2_launch(package: str, launch_file: str, *arguments: str, cwd: Path):
+    """`ros2 launch PACKAGE FILE name:=value ...` as a real process in `cwd`, its output in `cwd/launch.log`; stopped as
+    Ctrl-C would when the block ends, unless the block stopped it."""
+    with open(cwd / "launch.log", "w") as log:
+        process = subprocess.Popen([str(VENV_BIN / "ros2"), "launch", package, launch_file, *arguments], cwd=cwd,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield process
+    finally:
+        interrupt(process, 60)
+
+
+def listed(*command: str) -> set[str]:
+    """The names a venv `ros2 ... list` prints (nodes, topics, services or actions)."""
+    return set(run_command("ros2", *command).stdout.split())
+
+
+@contextlib.contextmanager
 def node_process(executable: str, *args: str):
     """A real node in its own process; stopped with SIGINT (as Ctrl-C would) when the block ends."""
     process = subprocess.Popen([str(VENV_BIN / executable), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

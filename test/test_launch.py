@@ -8,37 +8,27 @@ import time
 
 import pytest
 
-from conftest import VENV_BIN, run_command, wait_for
+from conftest import listed, ros2_launch, run_command, wait_for
 from m3_memory.venv_ros2 import executables, launcher
 
 EXPECTED_NODES = {"/recorder", "/trainer", "/memory_server"}
 
 
-def running_nodes() -> set:
-    return set(run_command("ros2", "node", "list").stdout.split())
-
-
 def test_scan_and_grasp_starts_every_node_and_stops_on_sigint(tmp_path):
     log_path = tmp_path / "launch.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([str(VENV_BIN / "ros2"), "launch", "m3_bringup", "scan_and_grasp.launch.py"],
-                                   stdout=log, stderr=subprocess.STDOUT)
-    try:
-        assert wait_for(lambda: EXPECTED_NODES <= running_nodes(), timeout=30), log_path.read_text()
+    with ros2_launch("m3_bringup", "scan_and_grasp.launch.py", cwd=tmp_path) as process:
+        assert wait_for(lambda: EXPECTED_NODES <= listed("node", "list"), timeout=30), log_path.read_text()
         pids = [int(p) for p in re.findall(r"pid \[(\d+)\]", log_path.read_text())]
         assert len(pids) == 3
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0, log_path.read_text()
-    finally:
-        if process.poll() is None:
-            process.kill()
     text = log_path.read_text()
     for name in ("recorder", "trainer", "memory_server"):
         assert f"process {name} exited with code 0" in text
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
-    assert not (EXPECTED_NODES & running_nodes())
+    assert not (EXPECTED_NODES & listed("node", "list"))
 
 
 def test_launch_arguments_reach_the_nodes():

@@ -4,7 +4,6 @@ back through their parameter services and seen in what they do), `/robot1/m3/loc
 without any training, every name moved into the namespace, and wrong arguments are refused with a message."""
 import json
 import signal
-import subprocess
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from rclpy.parameter import parameter_value_to_python
 from rosgraph_msgs.msg import Clock
 from tf2_msgs.msg import TFMessage
 
-from conftest import VENV_BIN, interrupt, run_command, wait_for
+from conftest import ros2_launch, run_command, wait_for
 from m3_memory.ros.qos import LATCHED, TF_STATIC_QOS
 
 NS = "robot1"
@@ -55,15 +54,9 @@ def parameters(node, node_name: str, names: list[str]) -> dict:
 @pytest.fixture
 def launched(tiny_memory, tmp_path):
     """The bringup started for robot1 from tmp_path, serving the tiny memory; yields (process, log path, memory)."""
-    log_path = tmp_path / "launch.log"
     arguments = [f"{k}:={v}" for k, v in {**ROBOT, "checkpoint": tiny_memory[1]}.items()]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([str(VENV_BIN / "ros2"), "launch", "m3_bringup", "scan_and_grasp.launch.py",
-                                    *arguments], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-    try:
-        yield process, log_path, tiny_memory
-    finally:
-        interrupt(process, 40)
+    with ros2_launch("m3_bringup", "scan_and_grasp.launch.py", *arguments, cwd=tmp_path) as process:
+        yield process, tmp_path / "launch.log", tiny_memory
 
 
 def test_launch_arguments_configure_a_namespaced_robot(launched, ros_node, tmp_path):
@@ -143,18 +136,14 @@ def test_memory_server_launch_refuses_a_file_that_is_not_a_memory(ros_node, tmp_
     junk.write_bytes(b"\x80\x04K\x01.")   # a pickle of the number 1
     statuses = []
     ros_node.create_subscription(MemoryStatus, "/robot2/m3/memory_status", statuses.append, LATCHED)
-    process = subprocess.Popen([str(VENV_BIN / "ros2"), "launch", "m3_memory", "memory_server.launch.py",
-                                "namespace:=robot2", f"checkpoint:={junk}"], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
-    try:
+    with ros2_launch("m3_memory", "memory_server.launch.py", "namespace:=robot2", f"checkpoint:={junk}",
+                     cwd=tmp_path) as process:
         assert wait_for(lambda: rclpy.spin_once(ros_node, timeout_sec=0.2) or statuses, 90)
         assert not statuses[-1].loaded and f"cannot load {junk}" in statuses[-1].message
         answer = call(ros_node, Locate, "/robot2/m3/locate", Locate.Request(query="yellow bath duck"))
         assert not answer.success and "no memory loaded" in answer.message
-    finally:
         process.send_signal(signal.SIGINT)
-        output = process.communicate(timeout=40)[0]
-    assert process.returncode == 0, output
+        assert process.wait(timeout=40) == 0, (tmp_path / "launch.log").read_text()
 
 
 def test_announced_memories_load_from_the_trainers_folders_of_this_robot_only(tiny_memory, ros_node, tmp_path):
@@ -172,10 +161,8 @@ def test_announced_memories_load_from_the_trainers_folders_of_this_robot_only(ti
     statuses = []
     ros_node.create_subscription(MemoryStatus, "/robot2/m3/memory_status", statuses.append, LATCHED)
     announce = ros_node.create_publisher(String, "/robot2/m3/checkpoint", LATCHED)
-    process = subprocess.Popen([str(VENV_BIN / "ros2"), "launch", "m3_memory", "memory_server.launch.py",
-                                "namespace:=robot2", f"storage_root:={tmp_path / 'storage'}"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
-    try:
+    with ros2_launch("m3_memory", "memory_server.launch.py", "namespace:=robot2",
+                     f"storage_root:={tmp_path / 'storage'}", cwd=tmp_path) as process:
         assert wait_for(lambda: rclpy.spin_once(ros_node, timeout_sec=0.2) or statuses, 90)
         for path, expected in ((paths["robot3"], "refused"), (tiny_memory[1], "refused"), (paths["robot2"], "loaded")):
             count = len(statuses)
@@ -183,10 +170,8 @@ def test_announced_memories_load_from_the_trainers_folders_of_this_robot_only(ti
             assert wait_for(lambda: rclpy.spin_once(ros_node, timeout_sec=0.2) or len(statuses) > count, 90)
             assert statuses[-1].message.startswith(f"{expected} "), (path, statuses[-1].message)
         assert statuses[-1].loaded and statuses[-1].checkpoint == str(paths["robot2"].resolve())
-    finally:
         process.send_signal(signal.SIGINT)
-        output = process.communicate(timeout=40)[0]
-    assert process.returncode == 0, output
+        assert process.wait(timeout=40) == 0, (tmp_path / "launch.log").read_text()
 
 
 @pytest.mark.parametrize("argument, message", [

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import VENV_BIN, interrupt, run_command, wait_for
+from conftest import VENV_BIN, listed, ros2_launch, run_command, wait_for
 from m3_memory.ros.interfaces import import_interface
 from m3_memory.sim import demo_scene
 
@@ -17,22 +17,24 @@ from m3_memory.sim import demo_scene
 ENDLESS = "iterations: 100000"
 
 
+# The bringup is up once every node and what each offers are listed (the recorder's too: the tests list it).
+READY = {
+    ("node", "list"): {"/recorder", "/trainer", "/memory_server"},
+    ("action", "list"): {"/m3/train"},
+    ("service", "list"): {"/m3/locate", "/m3/recorder/start", "/m3/recorder/stop"},
+}
+
+
 @pytest.fixture(scope="module")
 def bringup(tmp_path_factory):
-    """`ros2 launch m3_bringup scan_and_grasp.launch.py` in a folder holding the tiny scene as scans/tiny."""
+    """`ros2 launch m3_bringup scan_and_grasp.launch.py` in a folder holding the tiny scene as scans/tiny, every node
+    up."""
     cwd = tmp_path_factory.mktemp("bringup")
     shutil.copytree(demo_scene("tiny"), cwd / "scans" / "tiny", ignore=shutil.ignore_patterns("bag", "previews"))
-    log = open(cwd / "launch.log", "w")
-    process = subprocess.Popen([str(VENV_BIN / "ros2"), "launch", "m3_bringup", "scan_and_grasp.launch.py"], cwd=cwd,
-                               stdout=log, stderr=subprocess.STDOUT)
-    try:
-        ready = wait_for(lambda: "/m3/train" in run_command("ros2", "action", "list").stdout.split()
-                         and "/m3/locate" in run_command("ros2", "service", "list").stdout.split(), timeout=120)
+    with ros2_launch("m3_bringup", "scan_and_grasp.launch.py", cwd=cwd):
+        ready = wait_for(lambda: all(names <= listed(*command) for command, names in READY.items()), timeout=120)
         assert ready, (cwd / "launch.log").read_text()
         yield cwd
-    finally:
-        interrupt(process, 60)
-        log.close()
 
 
 def printed(text: str, after: str, before: str = "\nGoal finished") -> dict:

@@ -44,6 +44,16 @@ def parse_request(text: str | None):
     return data if isinstance(data, dict) else text
 
 
+def filled(message, text: str | None, what: str, type_name: str):
+    """`message` (a request or goal, `what`) filled from `text` (see parse_request); None when `text` does not fit
+    `type_name`, after saying why on stderr: the verb then exits 2."""
+    try:
+        return fill_message(message, parse_request(text))
+    except (ValueError, TypeError, AssertionError) as exc:
+        print(f"bad {what} for {type_name}: {exc}", file=sys.stderr)
+        return None
+
+
 def service_call(args) -> int:
     import rclpy
 
@@ -56,10 +66,8 @@ def service_call(args) -> int:
                   "(is the server running, in the same ROS_DOMAIN_ID?)", file=sys.stderr)
             return 1
     srv_type = import_interface(type_name)
-    try:
-        request = fill_message(srv_type.Request(), parse_request(request_text))
-    except (ValueError, TypeError, AssertionError) as exc:
-        print(f"bad request for {type_name}: {exc}", file=sys.stderr)
+    request = filled(srv_type.Request(), request_text, "request", type_name)
+    if request is None:
         return 2
     print("requester: making request:")
     print_yaml(request)
@@ -198,10 +206,8 @@ def action_send_goal(args) -> int:
                       "(e.g. m3_msgs/action/Train) as the second argument", file=sys.stderr)
                 return 1
         action_type = import_interface(type_name)
-        try:
-            goal = fill_message(action_type.Goal(), parse_request(goal_text))
-        except (ValueError, TypeError, AssertionError) as exc:
-            print(f"bad goal for {type_name}: {exc}", file=sys.stderr)
+        goal = filled(action_type.Goal(), goal_text, "goal", type_name)
+        if goal is None:
             return 2
 
         def on_feedback(message):
