@@ -4,8 +4,8 @@ One training run per row, every row with the same iterations, views (`holdout_ev
 seed and config/train.yaml; each row changes one thing against "M3 default":
 - distill: the F-3DGS baseline of the paper's protocol (`m3_memory.core.distill`: one latent of Σ query_dim shared by
   all models, one MLP decoder per model reading all of it);
-- learnable vs fixed Wm; τ; θ (Algorithm 1's threshold, hence the bank size); query dims; top-k sparse vs dense
-  softmax;
+- learnable vs fixed Wm; Wm's start (seeded random as the authors', or the bank's principal directions); τ; θ
+  (Algorithm 1's threshold, hence the bank size); query dims; top-k sparse vs dense softmax;
 - two models at once (m3-tinyvlm + m3-tinyvlm-regions), for M3 and for distillation;
 - the bank ceiling (no training): the cosine distance / L2 on the held-out views if each pixel took the bank row nearest
   to it in cosine, per θ: what no query can beat with a one-hot attention;
@@ -42,7 +42,7 @@ from machine import describe, machine_info, write_report  # bench/machine.py (sc
 from m3_memory.core.distill import DecoderConfig, train_distilled
 from m3_memory.core.eval import evaluate, feature_fidelity, held_out_views
 from m3_memory.core.losses import feature_loss
-from m3_memory.core.memory import principal_scene_components
+from m3_memory.core.memory import MemoryAttention, principal_scene_components
 from m3_memory.core.pipeline import load_train_config, merge, scene_features
 from m3_memory.core.scene import Scene
 from m3_memory.core.trainer import build_attention, psc_input, resolve_device, train, training_views
@@ -58,6 +58,7 @@ class Row:
     models: tuple[str, ...] = (BASE,)
     overrides: dict = field(default_factory=dict)   # TrainConfig settings over config/train.yaml
     hidden: int = DecoderConfig.hidden                # the distillation MLP's width
+    wm_init: str = "random"           # MemoryAttention's Wm start ("principal": the bank's leading singular directions)
 
 
 def theta(value: float) -> dict:
@@ -96,6 +97,20 @@ ROWS = [
     Row("bank ceiling two models", "ceiling", (BASE, REGIONS)),
     Row("M3 learnable Wm, τ 0.1", "m3", overrides={"learnable_wm": True, "temperature": 0.1}),
     Row("M3 θ 0.99", "m3", overrides=theta(0.99)),
+    # sharper selection and smaller banks on top of the best row so far (learnable Wm, τ 0.02)
+    Row("decoder ceiling learnable Wm, τ 0.02", "decoder", overrides={"learnable_wm": True, "temperature": 0.02}),
+    Row("decoder ceiling learnable Wm, τ 0.01", "decoder", overrides={"learnable_wm": True, "temperature": 0.01}),
+    Row("bank ceiling θ 0.93", "ceiling", overrides=theta(0.93)),
+    Row("M3 learnable Wm, τ 0.01", "m3", overrides={"learnable_wm": True, "temperature": 0.01}),
+    Row("M3 learnable Wm, τ 0.02, top-k 8", "m3", overrides={"learnable_wm": True, "temperature": 0.02, "top_k": 8}),
+    Row("M3 learnable Wm, τ 0.02, θ 0.9", "m3", overrides={"learnable_wm": True, "temperature": 0.02, **theta(0.9)}),
+    Row("M3 learnable Wm, τ 0.02, θ 0.93", "m3",
+        overrides={"learnable_wm": True, "temperature": 0.02, **theta(0.93)}),
+    Row("decoder ceiling principal Wm", "decoder", wm_init="principal"),
+    Row("M3 principal Wm", "m3", wm_init="principal"),
+    Row("M3 principal Wm, τ 0.02", "m3", overrides={"temperature": 0.02}, wm_init="principal"),
+    Row("M3 learnable principal Wm, τ 0.02", "m3", overrides={"learnable_wm": True, "temperature": 0.02},
+        wm_init="principal"),
 ]
 
 
@@ -156,6 +171,15 @@ def decoder_ceiling(features, attention, views: np.ndarray, cells: int = 2000, s
     return {"cosine_distance": cosine, "l2": l2, "cells": count}
 
 
+def row_attention(row: Row, model: str, features, config, device, views: np.ndarray, banks: Banks) -> MemoryAttention:
+    """`build_attention` over the cached bank, Wm restarted as `row.wm_init` says (not a TrainConfig setting)."""
+    attention = build_attention(model, features, config, device, views, components=banks.get(model, config, views))
+    if row.wm_init != "random":
+        with torch.no_grad():
+            attention.wm.copy_(MemoryAttention(attention.wm.shape[0], attention.psc, wm_init=row.wm_init).wm)
+    return attention
+
+
 def run_row(row: Row, scene: Scene, features: dict, args, banks: Banks, device, tmp: Path) -> dict:
     config = load_train_config(args.config, merge({"iterations": args.iterations,
                                                    "holdout_every": args.holdout_every}, row.overrides))
@@ -173,15 +197,13 @@ def run_row(row: Row, scene: Scene, features: dict, args, banks: Banks, device, 
         held = held_out_views(len(scene), config.holdout_every)
         result = {"features": {}, "bank_sizes": {}}
         for model in row.models:
-            attention = build_attention(model, feats[model], config, device, views,
-                                        components=banks.get(model, config, views))
+            attention = row_attention(row, model, feats[model], config, device, views, banks)
             result["features"][model] = decoder_ceiling(feats[model], attention, held, seed=config.seed)
             result["bank_sizes"][model] = attention.bank_size
         return result
 
     def cached_banks(fs, train_views):
-        return {m: build_attention(m, f, config, device, train_views, components=banks.get(m, config, train_views))
-                for m, f in fs.items()}
+        return {m: row_attention(row, m, f, config, device, train_views, banks) for m, f in fs.items()}
 
     started = time.monotonic()
     path = tmp / "memory.pt"
@@ -276,6 +298,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="m3-ablation-") as tmp:
             report["rows"][row.name] = {"method": row.method, "models": list(row.models),
                                         "overrides": row.overrides, "decoder_hidden": row.hidden,
+                                        "wm_init": row.wm_init,
                                         **run_row(row, scene, features, args, banks, device, Path(tmp))}
         report["psc_s"].update(banks.seconds)
         report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]

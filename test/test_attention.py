@@ -1,5 +1,5 @@
-"""Gaussian memory attention: formula, chunked decoding, gradients, state dict, top-k sparse softmax; the top-k setting
-and the distillation baseline's shared latent layout through training and the checkpoint."""
+"""Gaussian memory attention: formula, Wm's start, chunked decoding, gradients, state dict, top-k sparse softmax; the
+top-k setting and the distillation baseline's shared latent layout through training and the checkpoint."""
 import numpy as np
 import pytest
 import torch
@@ -50,6 +50,37 @@ def test_wm_is_a_seeded_buffer_or_a_parameter():
     learnable = MemoryAttention(8, psc, seed=3, learnable_wm=True)
     assert [name for name, _ in learnable.named_parameters()] == ["wm"]
     assert torch.equal(learnable.wm.detach(), fixed.wm)
+
+
+def test_principal_wm_spans_the_banks_subspace():
+    """A bank of rank l in d dims: the principal Wm's rows are orthogonal, of the random rows' norm √(d/l), and keep
+    all of every unit bank row, where a random Wm keeps about √(l/d) of it; the same start whatever the seed, fixed or
+    learnable."""
+    l, d = 6, 24
+    generator = torch.Generator().manual_seed(5)
+    basis, _ = torch.linalg.qr(torch.randn(d, l, generator=generator))   # [d, l]
+    psc = torch.randn(40, l, generator=generator) @ basis.T
+    principal = MemoryAttention(l, psc, wm_init="principal", seed=0)
+    torch.testing.assert_close(principal.wm @ principal.wm.T, torch.eye(l) * d / l, rtol=0, atol=1e-4)
+
+    def kept(module: MemoryAttention) -> torch.Tensor:
+        """|projection of each unit bank row onto Wm's row space| [t]."""
+        rows, _ = torch.linalg.qr(module.wm.T)
+        return (F.normalize(module.psc, dim=1) @ rows).norm(dim=1)
+
+    torch.testing.assert_close(kept(principal), torch.ones(40), rtol=0, atol=1e-4)
+    assert kept(MemoryAttention(l, psc, seed=0)).mean() < 0.8
+    assert torch.equal(MemoryAttention(l, psc, wm_init="principal", seed=9).wm, principal.wm)
+    learnable = MemoryAttention(l, psc, wm_init="principal", learnable_wm=True)
+    assert [name for name, _ in learnable.named_parameters()] == ["wm"]
+    assert torch.equal(learnable.wm.detach(), principal.wm)
+
+
+def test_unknown_wm_init_and_a_principal_wm_wider_than_the_features_are_refused():
+    with pytest.raises(ValueError, match="wm_init must be one of"):
+        MemoryAttention(8, bank(), wm_init="pca")
+    with pytest.raises(ValueError, match="query_dim ≤ d"):
+        MemoryAttention(30, bank(40, 24), wm_init="principal")
 
 
 def test_gradients_reach_queries_and_learnable_wm():

@@ -2,10 +2,13 @@
 
     R̂ = softmax(cos(Q Wm, PSC) / τ) PSC
 
-Q [P, l] are rendered principal queries (this model's slice), Wm [l, d] projects them into the model's feature space, PSC
-[t, d] is the bank of principal scene components (raw rows), τ = 0.05. As in the authors' code Wm stays at its seeded random
-initialisation by default (a buffer); ``learnable_wm=True`` makes it a parameter for the ablation. ``top_k = k > 0`` keeps
-only each query's k best-scoring rows in the softmax (a sparse attention, also an ablation); 0 is the dense softmax.
+Q [P, l] are rendered principal queries (this model's slice), Wm [l, d] projects them into the model's feature space,
+PSC [t, d] is the bank of principal scene components (raw rows), τ = 0.05. As in the authors' code Wm stays at its
+seeded random initialisation by default (a buffer); ``learnable_wm=True`` makes it a parameter for the ablation.
+``wm_init="principal"`` starts Wm at the bank's l leading singular directions instead: a random l-dim Wm keeps only
+part of each unit bank row, so the cosine scores of neighbouring rows stay close and the softmax blends them.
+``top_k = k > 0`` keeps only each query's k best-scoring rows in the softmax (a sparse attention, also an ablation);
+0 is the dense softmax.
 """
 from __future__ import annotations
 
@@ -16,13 +19,25 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+WM_INITS = ("random", "principal")
+
+
+def principal_directions(psc: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` leading right singular directions [count, d] (orthonormal rows, on the CPU) of the unit rows of
+    psc [t, d]: the count-dim subspace that keeps most of the unit bank rows. Asks for count ≤ d."""
+    keys = F.normalize(psc.detach().float(), dim=1)
+    _, vectors = torch.linalg.eigh((keys.T @ keys).double().cpu())   # ascending eigenvalues of the [d, d] Gram matrix
+    return vectors[:, -count:].flip(1).T.float()
+
 
 class MemoryAttention(nn.Module):
     """Attention of queries over a fixed memory bank.
 
-    query_dim: l; psc: [t, d] bank (stored as float32 buffer ``psc``); temperature: τ; learnable_wm: Wm as nn.Parameter
-    instead of a buffer; seed: seeds the random Wm [l, d] (N(0, 1/l)); chunk: pixels per step of ``decode_map``;
-    top_k: rows per query in the softmax (0, or t and more: all of them, the dense softmax).
+    query_dim: l; psc: [t, d] bank (stored as float32 buffer ``psc``); temperature: τ; learnable_wm: Wm as
+    nn.Parameter instead of a buffer; seed: seeds the random Wm [l, d] (N(0, 1/l)); wm_init: "random" (that Wm) or
+    "principal" (`principal_directions` of the bank, scaled to the random rows' expected norm √(d/l); l ≤ d); chunk:
+    pixels per step of ``decode_map``; top_k: rows per query in the softmax (0, or t and more: all of them, the dense
+    softmax).
     """
 
     def __init__(
@@ -34,6 +49,7 @@ class MemoryAttention(nn.Module):
         seed: int = 0,
         chunk: int = 16384,
         top_k: int = 0,
+        wm_init: str = "random",
     ):
         super().__init__()
         if top_k < 0:
@@ -41,8 +57,15 @@ class MemoryAttention(nn.Module):
         psc = torch.as_tensor(psc).detach().float().clone()
         if psc.ndim != 2 or psc.shape[0] == 0:
             raise ValueError(f"psc must be a non-empty [t, d] bank, got shape {tuple(psc.shape)}")
-        generator = torch.Generator().manual_seed(seed)
-        wm = torch.randn(query_dim, psc.shape[1], generator=generator) / math.sqrt(query_dim)
+        if wm_init not in WM_INITS:
+            raise ValueError(f"wm_init must be one of {WM_INITS}, got {wm_init!r}")
+        if wm_init == "principal":
+            if query_dim > psc.shape[1]:
+                raise ValueError(f"wm_init 'principal' needs query_dim ≤ d, got {query_dim} > {psc.shape[1]}")
+            wm = principal_directions(psc, query_dim) * math.sqrt(psc.shape[1] / query_dim)
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            wm = torch.randn(query_dim, psc.shape[1], generator=generator) / math.sqrt(query_dim)
         if learnable_wm:
             self.wm = nn.Parameter(wm)
         else:
