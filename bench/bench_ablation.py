@@ -226,7 +226,8 @@ def fmt(value, spec: str = ".3f") -> str:
 def markdown(report: dict) -> str:
     m, done = report["machine"], report["rows"]
     lines = [
-        "# Fidelity ablation: M3 vs the distillation baseline on held-out views (CPU, reduced iterations)", "",
+        f"# Fidelity ablation: M3 vs the distillation baseline on held-out views ({'GPU' if 'gpu' in m else 'CPU'}, "
+        f"{report['iterations']} iterations per row)", "",
         f"Machine: {describe(m)}; load average at the end {report.get('load_average_at_end')}. Other jobs shared the "
         "2 cores during the run: train seconds are indicative, fidelity is not affected by load.", "",
         "Commands (one run, resumed: rows already in the JSON were kept): "
