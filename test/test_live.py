@@ -24,7 +24,7 @@ from m3_msgs.srv import Locate
 from rclpy.action import ActionClient
 from std_srvs.srv import Trigger
 
-from conftest import REPO, VENV_BIN, interrupt, node_process, wait_for
+from conftest import REPO, VENV_BIN, node_process, ros2_launch, wait_for
 from test_demo import CONFUSED, TOLERANCE_M
 from m3_memory.core.checkpoint import load_memory
 from m3_memory.ros.graph_client import call_service
@@ -85,10 +85,8 @@ def test_live_scan_is_served_while_it_records_and_refined_at_its_end(ros_node, t
     def spin(seconds=0.1):
         rclpy.spin_once(ros_node, timeout_sec=seconds)
 
-    with open(log_path, "w") as log:
-        launch = subprocess.Popen([str(VENV_BIN / "ros2"), "launch", "m3_bringup", "scan_and_grasp.launch.py",
-                                   "live:=true", "publish_every_s:=2", f"config_dir:={config}"],
-                                  cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    with ros2_launch("m3_bringup", "scan_and_grasp.launch.py", "live:=true", "publish_every_s:=2",
+                     f"config_dir:={config}", cwd=tmp_path):
         try:
             start = call_service(Trigger, "/m3/recorder/start", Trigger.Request(), timeout=90)
             assert start.success, start.message
@@ -129,7 +127,6 @@ def test_live_scan_is_served_while_it_records_and_refined_at_its_end(ros_node, t
             found = call_service(Locate, "/m3/locate", Locate.Request(query=QUERY), timeout=60)
             out, err = client.communicate(timeout=60)
         finally:
-            interrupt(launch, 60)
             if client.poll() is None:
                 client.kill()
     text = log_path.read_text()
@@ -165,32 +162,26 @@ def test_a_live_goal_following_the_trainers_own_job_cancels_it(ros_node, tmp_pat
     config = live_config(tmp_path / "config", LIVE)
     log_path = tmp_path / "launch.log"
     feedback = []
-    with open(log_path, "w") as log:
-        launch = subprocess.Popen([str(VENV_BIN / "ros2"), "launch", "m3_bringup", "scan_and_grasp.launch.py",
-                                   "live:=true", f"config_dir:={config}"], cwd=tmp_path, stdout=log,
-                                  stderr=subprocess.STDOUT)
-        try:
-            start = call_service(Trigger, "/m3/recorder/start", Trigger.Request(), timeout=90)
-            assert start.success, start.message
-            assert wait_for(lambda: "queued a live job" in log_path.read_text(), timeout=60), log_path.read_text()
-            client = ActionClient(ros_node, Train, "m3/train")
-            assert client.wait_for_server(timeout_sec=60)
-            sent = client.send_goal_async(Train.Goal(scan_id=start.message, live=True),
-                                          feedback_callback=lambda m: feedback.append(m.feedback))
-            rclpy.spin_until_future_complete(ros_node, sent, timeout_sec=30)
-            handle = sent.result()
-            assert handle.accepted
-            # no bag plays: the job waits for keyframes, and says so to the goal that follows it
-            assert wait_for(lambda: rclpy.spin_once(ros_node, timeout_sec=0.1) or any(
-                f.stage == "waiting" for f in feedback), timeout=30), feedback
-            cancel = handle.cancel_goal_async()
-            rclpy.spin_until_future_complete(ros_node, cancel, timeout_sec=30)
-            result = handle.get_result_async()
-            rclpy.spin_until_future_complete(ros_node, result, timeout_sec=60)
-            queue = json.loads((tmp_path / "storage" / "queue.json").read_text())["jobs"]
-            time.sleep(3)   # the recorder still records and says so every second: no second job for its scan
-        finally:
-            interrupt(launch, 60)
+    with ros2_launch("m3_bringup", "scan_and_grasp.launch.py", "live:=true", f"config_dir:={config}", cwd=tmp_path):
+        start = call_service(Trigger, "/m3/recorder/start", Trigger.Request(), timeout=90)
+        assert start.success, start.message
+        assert wait_for(lambda: "queued a live job" in log_path.read_text(), timeout=60), log_path.read_text()
+        client = ActionClient(ros_node, Train, "m3/train")
+        assert client.wait_for_server(timeout_sec=60)
+        sent = client.send_goal_async(Train.Goal(scan_id=start.message, live=True),
+                                      feedback_callback=lambda m: feedback.append(m.feedback))
+        rclpy.spin_until_future_complete(ros_node, sent, timeout_sec=30)
+        handle = sent.result()
+        assert handle.accepted
+        # no bag plays: the job waits for keyframes, and says so to the goal that follows it
+        assert wait_for(lambda: rclpy.spin_once(ros_node, timeout_sec=0.1) or any(
+            f.stage == "waiting" for f in feedback), timeout=30), feedback
+        cancel = handle.cancel_goal_async()
+        rclpy.spin_until_future_complete(ros_node, cancel, timeout_sec=30)
+        result = handle.get_result_async()
+        rclpy.spin_until_future_complete(ros_node, result, timeout_sec=60)
+        queue = json.loads((tmp_path / "storage" / "queue.json").read_text())["jobs"]
+        time.sleep(3)   # the recorder still records and says so every second: no second job for its scan
     text = log_path.read_text()
     assert result.result().status == GoalStatus.STATUS_CANCELED, result.result()
     assert "live training cancelled" in result.result().result.message
@@ -267,27 +258,22 @@ def test_train_remote_live_pulls_the_scan_while_it_records(ros_node, tmp_path):
     statuses: list[tuple[float, MemoryStatus]] = []
     ros_node.create_subscription(MemoryStatus, "/m3/memory_status",
                                  lambda msg: statuses.append((time.monotonic(), msg)), LATCHED)
-    with open(tmp_path / "launch.log", "w") as log:
-        launch = subprocess.Popen([str(VENV_BIN / "ros2"), "launch", "m3_bringup", "scan_and_grasp.launch.py",
-                                   "publish_every_s:=0", f"config_dir:={config}"], cwd=tmp_path, stdout=log,
-                                  stderr=subprocess.STDOUT)
-        try:
-            start = call_service(Trigger, "/m3/recorder/start", Trigger.Request(), timeout=90)
-            assert start.success, start.message
-            play = subprocess.Popen([str(VENV_BIN / "m3"), "play", str(demo_scene("tiny") / "bag"), "--rate",
-                                     str(PLAY_RATE), "--wait-for", "/camera/color/image_raw"], cwd=tmp_path,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            client = subprocess.Popen([str(VENV_BIN / "m3"), "train-remote", "--live", "--json"], cwd=tmp_path,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            assert wait_for(lambda: rclpy.spin_once(ros_node, timeout_sec=0.1) or any(s.loaded for _, s in statuses),
-                            timeout=240), (tmp_path / "launch.log").read_text()[-4000:]
-            assert wait_for(lambda: rclpy.spin_once(ros_node, timeout_sec=0.1) or play.poll() is not None, 180)
-            stopped_at = time.monotonic()
-            stop = call_service(Trigger, "/m3/recorder/stop", Trigger.Request(), timeout=60)
-            assert stop.success, stop.message
-            out, err = client.communicate(timeout=300)
-        finally:
-            interrupt(launch, 60)
+    with ros2_launch("m3_bringup", "scan_and_grasp.launch.py", "publish_every_s:=0", f"config_dir:={config}",
+                     cwd=tmp_path):
+        start = call_service(Trigger, "/m3/recorder/start", Trigger.Request(), timeout=90)
+        assert start.success, start.message
+        play = subprocess.Popen([str(VENV_BIN / "m3"), "play", str(demo_scene("tiny") / "bag"), "--rate",
+                                 str(PLAY_RATE), "--wait-for", "/camera/color/image_raw"], cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = subprocess.Popen([str(VENV_BIN / "m3"), "train-remote", "--live", "--json"], cwd=tmp_path,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert wait_for(lambda: rclpy.spin_once(ros_node, timeout_sec=0.1) or any(s.loaded for _, s in statuses),
+                        timeout=240), (tmp_path / "launch.log").read_text()[-4000:]
+        assert wait_for(lambda: rclpy.spin_once(ros_node, timeout_sec=0.1) or play.poll() is not None, 180)
+        stopped_at = time.monotonic()
+        stop = call_service(Trigger, "/m3/recorder/stop", Trigger.Request(), timeout=60)
+        assert stop.success, stop.message
+        out, err = client.communicate(timeout=300)
     assert client.returncode == 0, err[-3000:]
     report = json.loads(out.strip().splitlines()[-1])
     scan_id = start.message.rsplit("/", 1)[-1]

@@ -24,7 +24,7 @@ def _update(args) -> int:
 
     from m3_memory.core.checkpoint import load_memory
     from m3_memory.core.online import SceneViews, UpdateConfig, recorded_views, train_config_of, update
-    from m3_memory.core.pipeline import parse_overrides, scene_features
+    from m3_memory.core.pipeline import Extractors, parse_overrides
     from m3_memory.core.scene import Scene
     from m3_memory.core.scene.format import META_FILE
     from m3_memory.core.trainer import training_views
@@ -35,10 +35,11 @@ def _update(args) -> int:
     settings = UpdateConfig.from_dict(overrides.pop("update", {}))
     config = train_config_of(memory, overrides)
 
+    extractors = Extractors(memory.models, config.device)   # built once for the new scan and every replayed one
+
     def scan(root: Path, views) -> SceneViews:
         scene = Scene.load(root)
-        features = scene_features(scene, root, memory.models, lambda model: progress_bar(f"features {model}"),
-                                  device=config.device)
+        features = extractors.scene_features(scene, root, lambda model: progress_bar(f"features {model}"))
         return SceneViews(scene, features, np.asarray(views), str(root))
 
     new_scene = Scene.load(args.scene)
